@@ -1,0 +1,30 @@
+# m3jax: `make demo` runs the embedded-corpus pipeline, `make test` the test suite.
+# Both create .venv from the pinned requirements when it is missing or stale.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: venv demo test lint clean-demo
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	DEMO_DIR=$(DEMO_DIR) PY=$(PY) bash tools/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check m3jax tools tests configs
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,1 @@
+"""ml_collections config files; each `get_config()` returns a ConfigDict (importable for composition)."""

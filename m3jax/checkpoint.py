@@ -1,0 +1,141 @@
+"""Orbax checkpoints: train state, data-iterator state and config, restorable onto any mesh.
+
+Layout: `{workdir}/checkpoints/{step}/{state,data,config}`. A checkpoint that exists but cannot be restored is
+an error naming it (`CheckpointError`): the run stops, the checkpoint is left as it is, and nothing restarts from
+step 0 over it. Evaluation jobs and exporters load parameters with `load_params` without the training loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+ITEMS = ("state", "data", "config")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be used; the message names it."""
+
+
+class Checkpointer:
+    """Keeps the last `max_to_keep` checkpoints of a run under `directory`, saving every `save_every` steps."""
+
+    def __init__(self, directory: str | os.PathLike, *, save_every: int, max_to_keep: int, async_save: bool = True):
+        self.directory = epath.Path(directory)
+        self._check_readable_layout()
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every,
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+
+    def _check_readable_layout(self) -> None:
+        """Step directories that Orbax would not list (e.g. a damaged name) must not be silently skipped."""
+        if not self.directory.exists():
+            return
+        for child in self.directory.iterdir():
+            name = child.name
+            if child.is_dir() and not name.isdigit() and ".orbax-checkpoint-tmp" not in name:
+                raise CheckpointError(
+                    f"{child}: unexpected entry in the checkpoint directory {self.directory}; refusing to train "
+                    "over it (move it away if it is not a checkpoint)"
+                )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        return self.manager.should_save(step)
+
+    def save(self, step: int, state: Any, data_state: dict, config: dict, *, force: bool = False) -> bool:
+        """Saves (asynchronously when enabled). `data_state` is the data iterator's JSON state."""
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config),
+            ),
+            force=force,
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """(state, data_state, config) of `step`, with arrays placed as the shardings in `abstract_state` say."""
+        path = self.directory / str(step)
+        try:
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    config=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - any failure to read an existing checkpoint stops the run
+            raise CheckpointError(
+                f"checkpoint {path} exists but cannot be restored ({type(e).__name__}: {e}). The run stops "
+                "here and leaves it untouched; fix or move it to resume, never restart over it."
+            ) from e
+        return out.state, out.data, out.config
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def resolve_step_dir(path: str | os.PathLike) -> epath.Path:
+    """A run's checkpoint directory (-> its latest step) or one step directory -> that step's directory."""
+    path = epath.Path(path)
+    if (path / "state").exists():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").exists())
+    if not steps:
+        raise CheckpointError(f"{path} holds no checkpoint (no <step>/state directory)")
+    return path / str(steps[-1])
+
+
+def load_params(path: str | os.PathLike, abstract_params: Any) -> Any:
+    """Parameters only, from a checkpoint directory or one step of it, placed as `abstract_params` says.
+
+    `abstract_params` is a tree of `jax.ShapeDtypeStruct` with shardings (any mesh); the optimiser state and
+    data state of the checkpoint are not read.
+    """
+    step_dir = resolve_step_dir(path)
+    restore_args = jax.tree.map(
+        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), abstract_params
+    )
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(
+                step_dir / "state",
+                args=ocp.args.PyTreeRestore(
+                    item={"params": abstract_params},
+                    restore_args={"params": restore_args},
+                    partial_restore=True,
+                ),
+            )
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot load parameters from {step_dir} ({type(e).__name__}: {e})") from e
+    logging.info("loaded parameters from %s", step_dir)
+    return out["params"]
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """The config dict saved with a checkpoint (a run's checkpoint directory or one step of it)."""
+    step_dir = resolve_step_dir(path)
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        return ckptr.restore(step_dir / "config")

@@ -1,0 +1,190 @@
+"""Default configuration and its validation.
+
+Every stage (warm-up, continued) is an ml_collections ConfigDict built from `base_config()` by a file in
+`configs/`. The dict is locked, so an override of a key that does not exist fails (ml_collections answers with a
+"did you mean" hint); `validate()` then checks the values against each other once, at start-up, and names the
+offending key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# The mesh axes, outermost first. `data` is pure data parallelism, `fsdp` shards parameters and optimiser state
+# along with the batch, `tensor` shards heads and the MLP width.
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axes. One table maps every parameter and main activation (MaxText-style).
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("embed", "fsdp"),
+    ("act_embed", None),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+REMAT_POLICIES = ("none", "full", "dots")
+SCHEDULES = ("wsd", "cosine", "constant")
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.run_name = "run"
+    c.seed = 0
+    # Path of an Orbax checkpoint (a run's checkpoint directory or one step of it) whose parameters initialise
+    # this run. Only parameters are taken: the step, optimiser and data iterator start fresh (stage 2 uses it).
+    c.init_from = ""
+
+    c.model = ml_collections.ConfigDict()
+    m = c.model
+    m.vocab_size = 32000  # real vocabulary; -1 = take it from the data's tokenizer
+    m.vocab_multiple = 128  # the embedding and LM head are padded to a multiple of this
+    m.num_layers = 12
+    m.hidden_size = 768
+    m.num_heads = 12
+    m.num_kv_heads = 4
+    m.head_dim = 64
+    m.mlp_dim = 2048
+    m.rope_base = 10000.0
+    m.norm_eps = 1e-5
+    m.init_std = 0.02
+    m.dtype = "bfloat16"  # compute dtype; parameters are always float32
+    m.remat = "none"  # none | full | dots
+    m.scan_layers = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 = the devices the other axes leave
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # a directory written by tools/prepare_data.py
+    c.data.seq_len = 2048  # must match the data's metadata
+    c.data.train_split = "train"
+    c.data.eval_split = "heldout"
+    c.data.global_batch_size = 32
+    c.data.shuffle_seed = 0
+    c.data.worker_count = 0  # grain worker processes; 0 = read in the training process
+    c.data.prefetch = 2
+
+    c.optimizer = ml_collections.ConfigDict()
+    o = c.optimizer
+    o.peak_lr = 3e-4
+    o.schedule = "wsd"  # wsd | cosine | constant
+    o.warmup_steps = 100
+    o.decay_fraction = 0.1  # WSD: the last fraction of training decays the LR
+    o.min_lr_ratio = 0.1  # final LR = peak_lr * min_lr_ratio
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    o.decay_norms_and_embeddings = False
+    o.clip_norm = 1.0  # global-norm clipping; 0 = off
+    o.grad_accum_steps = 1
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.z_loss = 0.0
+
+    c.train = ml_collections.ConfigDict()
+    t = c.train
+    t.num_steps = 1000  # the length of training (the LR schedule's horizon)
+    t.stop_at = 0  # > 0: end this invocation after this step with a checkpoint (a scheduled stop); 0 = num_steps
+    t.log_every = 10
+    t.eval_every = 100  # 0 = never
+    t.eval_batches = 4
+    t.checkpoint_every = 200
+    t.keep_checkpoints = 3
+    t.async_checkpointing = True
+
+    c.distributed = ml_collections.ConfigDict()
+    d = c.distributed
+    # Empty = auto-detect (TPU pod, SLURM) or single process. Set all three for an explicit coordinator.
+    d.coordinator_address = ""
+    d.num_processes = 0
+    d.process_id = -1
+    d.cpu_collectives = "gloo"  # for multi-process CPU runs
+    return c
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key}: {msg}")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks values against each other. `num_devices` (the global count) enables the mesh check."""
+    m = c.model
+    for key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_multiple"):
+        _check(int(m[key]) > 0, f"model.{key}", f"must be positive, got {m[key]}")
+    _check(m.vocab_size == -1 or m.vocab_size > 0, "model.vocab_size", f"must be positive or -1, got {m.vocab_size}")
+    _check(
+        m.num_heads % m.num_kv_heads == 0,
+        "model.num_heads",
+        f"{m.num_heads} heads are not divisible by model.num_kv_heads={m.num_kv_heads}",
+    )
+    _check(m.head_dim % 2 == 0, "model.head_dim", f"RoPE needs an even head_dim, got {m.head_dim}")
+    _check(m.rope_base > 1.0, "model.rope_base", f"must be > 1, got {m.rope_base}")
+    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+    _check(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}, got {m.remat!r}")
+
+    o = c.optimizer
+    _check(o.schedule in SCHEDULES, "optimizer.schedule", f"must be one of {SCHEDULES}, got {o.schedule!r}")
+    _check(o.peak_lr > 0, "optimizer.peak_lr", f"must be positive, got {o.peak_lr}")
+    _check(0 <= o.warmup_steps <= c.train.num_steps, "optimizer.warmup_steps",
+           f"must be in [0, train.num_steps={c.train.num_steps}], got {o.warmup_steps}")
+    _check(0.0 <= o.decay_fraction <= 1.0, "optimizer.decay_fraction", f"must be in [0, 1], got {o.decay_fraction}")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _check(o.grad_accum_steps >= 1, "optimizer.grad_accum_steps", f"must be >= 1, got {o.grad_accum_steps}")
+    _check(o.clip_norm >= 0, "optimizer.clip_norm", f"must be >= 0, got {o.clip_norm}")
+
+    t = c.train
+    _check(t.num_steps > 0, "train.num_steps", f"must be positive, got {t.num_steps}")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        _check(t[key] > 0, f"train.{key}", f"must be positive, got {t[key]}")
+    _check(t.stop_at >= 0, "train.stop_at", f"must be >= 0, got {t.stop_at}")
+    _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+
+    sizes = {ax: int(c.mesh[ax]) for ax in MESH_AXES}
+    for ax, n in sizes.items():
+        _check(n == -1 or n >= 1, f"mesh.{ax}", f"must be -1 or >= 1, got {n}")
+    _check(sum(n == -1 for n in sizes.values()) <= 1, "mesh", f"at most one axis may be -1, got {sizes}")
+    mesh_names = set(MESH_AXES)
+    for rule in c.logical_axis_rules:
+        _check(len(rule) == 2, "logical_axis_rules", f"each rule is (logical_name, mesh_axes), got {rule!r}")
+        targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+        for t_ax in targets:
+            _check(t_ax is None or t_ax in mesh_names, "logical_axis_rules",
+                   f"rule {rule!r} names mesh axis {t_ax!r}; the mesh axes are {MESH_AXES}")
+
+    batch = c.data.global_batch_size
+    _check(batch > 0, "data.global_batch_size", f"must be positive, got {batch}")
+    _check(batch % o.grad_accum_steps == 0, "data.global_batch_size",
+           f"{batch} is not divisible by optimizer.grad_accum_steps={o.grad_accum_steps}")
+    if num_devices is not None:
+        fixed = 1
+        for n in sizes.values():
+            fixed *= n if n != -1 else 1
+        if -1 in sizes.values():
+            _check(num_devices % fixed == 0, "mesh",
+                   f"the fixed axes {sizes} (product {fixed}) do not divide the {num_devices} devices")
+        else:
+            _check(fixed == num_devices, "mesh",
+                   f"the product of the mesh axes {sizes} is {fixed}, but there are {num_devices} devices")
+        data_par = sizes["data"] if sizes["data"] != -1 else num_devices // fixed
+        data_par *= sizes["fsdp"] if sizes["fsdp"] != -1 else num_devices // fixed
+        micro = batch // o.grad_accum_steps
+        _check(micro % data_par == 0, "data.global_batch_size",
+               f"the micro-batch {micro} (global_batch_size / grad_accum_steps) is not divisible by the "
+               f"data-parallel degree data*fsdp={data_par}")

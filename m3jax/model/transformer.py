@@ -1,0 +1,125 @@
+"""The decoder-only Transformer of Memory3 (Flax NNX).
+
+Token embedding -> N x [pre-norm RMSNorm -> GQA attention with RoPE -> residual; RMSNorm -> SwiGLU MLP ->
+residual] -> RMSNorm -> untied LM head. No biases. Parameters are float32; activations run in `config.dtype`.
+
+The N blocks are stored *stacked*: every block parameter has a leading `layers` axis, and the forward pass is a
+`jax.lax.scan` over it, so compile time does not grow with depth.
+
+Inputs are explicit: `tokens`, `positions` (RoPE positions, supplied by the caller so that packed documents,
+decoding and Memory3's position layout are the caller's choice) and `segment_ids` (packed documents never
+attend across a boundary; 0 = padding). Later stages add memory inputs beside these.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m3jax.model import attention as attn_lib
+from m3jax.model.config import ModelConfig
+from m3jax.parallel import shard_activation
+
+BATCH, SEQ, EMBED = "batch", "seq", "act_embed"
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), out_sharding=axes)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * weight).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """`num_stacked` Transformer blocks whose parameters share a leading `layers` axis.
+
+    Called on one layer's slice of the parameters (as the scan in `Transformer` does), it applies one block.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_stacked: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        n, d, h, kv, hd, f = (num_stacked, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                              cfg.mlp_dim)
+        std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        self.attn_norm = nnx.Param(jnp.ones((n, d), jnp.float32), out_sharding=("layers", "norm"))
+        self.wq = _param(rngs, (n, d, h, hd), ("layers", "embed", "heads", "head_dim"), std)
+        self.wk = _param(rngs, (n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim"), std)
+        self.wv = _param(rngs, (n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim"), std)
+        self.wo = _param(rngs, (n, h, hd, d), ("layers", "heads", "head_dim", "embed"), out_std)
+        self.mlp_norm = nnx.Param(jnp.ones((n, d), jnp.float32), out_sharding=("layers", "norm"))
+        self.w_gate = _param(rngs, (n, d, f), ("layers", "embed", "mlp"), std)
+        self.w_up = _param(rngs, (n, d, f), ("layers", "embed", "mlp"), std)
+        self.w_down = _param(rngs, (n, f, d), ("layers", "mlp", "embed"), out_std)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """x: [batch, seq, hidden]; cos/sin: [batch, seq, head_dim]; mask: [batch, seq, seq]."""
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        h = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
+        q = jnp.einsum("btd,dhk->bthk", h, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", h, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", h, self.wv[...].astype(dt))
+        q = shard_activation(attn_lib.apply_rope(q, cos, sin), (BATCH, SEQ, "heads", "head_dim"))
+        k = shard_activation(attn_lib.apply_rope(k, cos, sin), (BATCH, SEQ, "kv_heads", "head_dim"))
+        v = shard_activation(v, (BATCH, SEQ, "kv_heads", "head_dim"))
+        o = attn_lib.dot_product_attention(q, k, v, mask)
+        x = x + shard_activation(jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(dt)), (BATCH, SEQ, EMBED))
+
+        h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
+        gate = jnp.einsum("btd,df->btf", h, self.w_gate[...].astype(dt))
+        up = jnp.einsum("btd,df->btf", h, self.w_up[...].astype(dt))
+        act = shard_activation(jax.nn.silu(gate) * up, (BATCH, SEQ, "mlp"))
+        return x + shard_activation(jnp.einsum("btf,fd->btd", act, self.w_down[...].astype(dt)), (BATCH, SEQ, EMBED))
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, vp = cfg.hidden_size, cfg.padded_vocab_size
+        self.embed = _param(rngs, (vp, d), ("vocab", "embed"), cfg.init_std)
+        self.layers = Block(cfg, cfg.num_layers, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("norm",))
+        self.lm_head = _param(rngs, (d, vp), ("embed", "vocab"), cfg.init_std)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """tokens, positions, segment_ids: [batch, seq] int32 -> logits [batch, seq, padded_vocab] float32.
+
+        Logits of the padding rows of the vocabulary (ids >= vocab_size) are set to a large negative value, so
+        they take no probability in the loss or in sampling.
+        """
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        x = shard_activation(x, (BATCH, SEQ, EMBED))
+        cos, sin = attn_lib.rope_frequencies(positions, cfg.head_dim, cfg.rope_base)
+        mask = attn_lib.attention_mask(segment_ids, segment_ids)
+        x = self._blocks(x, cos, sin, mask)
+        x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+        logits = shard_activation(logits, (BATCH, SEQ, "vocab"))
+        vocab_ok = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+        return jnp.where(vocab_ok, logits, attn_lib.NEG_INF)
+
+    def _blocks(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        graphdef, stacked = nnx.split(self.layers)
+
+        def one_layer(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x, cos, sin, mask)
+
+        if self.cfg.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        if self.cfg.scan_layers:
+            x, _ = jax.lax.scan(lambda c, s: (one_layer(c, s), None), x, stacked)
+            return x
+        for i in range(self.cfg.num_layers):
+            x = one_layer(x, jax.tree.map(lambda p, i=i: p[i], stacked))
+        return x

@@ -1,0 +1,1 @@
+"""Training: optimiser and schedules, the jitted sharded step, the loop, FLOPs accounting."""
