@@ -1,0 +1,1 @@
+"""Data: corpora, the SentencePiece tokenizer, packing, ArrayRecord storage and the grain input pipeline."""

@@ -1,0 +1,114 @@
+"""The grain input pipeline: globally ordered, process-sharded batches of packed records.
+
+The order is defined once, globally: records are (optionally) shuffled with a seeded per-epoch permutation
+and repeated, and global batch s is records [s*G, (s+1)*G) of that stream. Process p of P takes rows
+[p*G/P, (p+1)*G/P) of each global batch. The data a step sees therefore does not depend on how many processes
+read it, and resuming from `get_state()` reproduces the uninterrupted stream exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import numpy as np
+
+from m3jax.data.records import split_source
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}"
+        )
+    return global_batch_size // process_count
+
+
+def _global_records(
+    data_dir: str | os.PathLike,
+    split: str,
+    global_batch_size: int,
+    seed: int,
+    num_epochs: int | None,
+    shuffle: bool,
+) -> grain.MapDataset:
+    """The split's decoded records in global order, cut to a whole number of global batches when finite."""
+    source, decode = split_source(data_dir, split)
+    if len(source) < global_batch_size:
+        raise ValueError(
+            f"split {split!r} of {data_dir} has {len(source)} records, fewer than global_batch_size "
+            f"{global_batch_size}"
+        )
+    ds = grain.MapDataset.source(source).map_with_index(decode)
+    if shuffle:
+        ds = ds.seed(seed).shuffle()  # reshuffled every epoch by the repeat below
+    ds = ds.repeat(num_epochs)
+    if num_epochs is not None:
+        ds = ds[: len(ds) // global_batch_size * global_batch_size]
+    return ds
+
+
+def _process_batches(
+    ds: grain.MapDataset, local_batch_size: int, process_index: int, process_count: int
+) -> grain.MapDataset:
+    """This process's rows of every global batch: of the consecutive local batches, global batch s is
+    local batches [s*P, (s+1)*P) and process p keeps local batch s*P + p."""
+    return ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
+
+
+def make_lm_iterator(
+    data_dir: str | os.PathLike,
+    split: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    worker_count: int = 0,
+    prefetch: int = 2,
+) -> grain.DatasetIterator:
+    """An iterator of this process's batches: dicts of int32 arrays [global_batch_size // process_count, L].
+
+    `num_epochs=None` repeats forever, reshuffling each epoch; a finite count ends after the last complete
+    global batch. `prefetch` batches are read ahead by as many threads; `worker_count > 0` adds that many
+    grain worker processes (their batches are interleaved back in order, so the data does not change). The
+    iterator's `get_state()` / `set_state()` give exact resume.
+    """
+    local = _local_batch_size(global_batch_size, process_index, process_count)
+    ds = _global_records(data_dir, split, global_batch_size, seed, num_epochs, shuffle)
+    ds = _process_batches(ds, local, process_index, process_count)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
+    if worker_count > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(it_ds)
+
+
+def make_eval_batches(
+    data_dir: str | os.PathLike,
+    split: str,
+    *,
+    global_batch_size: int,
+    num_batches: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+    """The first `num_batches` global batches of `split` in stored order (all complete ones when None), as
+    this process's rows: the same held-out batches on every call, whatever the process count."""
+    local = _local_batch_size(global_batch_size, process_index, process_count)
+    ds = _global_records(data_dir, split, global_batch_size, seed=0, num_epochs=1, shuffle=False)
+    available = len(ds) // global_batch_size
+    if num_batches is None:
+        num_batches = available
+    elif not 0 < num_batches <= available:
+        raise ValueError(
+            f"num_batches {num_batches} not in [1, {available}]: split {split!r} holds {available} global "
+            f"batches of {global_batch_size}"
+        )
+    ds = _process_batches(ds[: num_batches * global_batch_size], local, process_index, process_count)
+    return [ds[i] for i in range(len(ds))]

@@ -1,0 +1,99 @@
+"""Corpus -> tokenised, packed, sharded train/heldout splits with their metadata.json."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from m3jax.data import records
+from m3jax.data.corpus import Document, load_corpus
+from m3jax.data.packing import LM_FIELDS, pack_documents
+from m3jax.data.tokenizer import Tokenizer
+
+SPLITS = ("train", "heldout")
+_ENCODE_CHUNK = 256  # documents tokenised per batch: bounds memory on large corpora
+
+
+def heldout_split(doc_id: str, heldout_fraction: float, seed: int = 0) -> bool:
+    """Whether `doc_id` belongs to the heldout split: a stable hash (sha256, not Python's salted `hash`) of
+    the seed and doc_id, so the assignment is the same on every machine and run."""
+    digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < heldout_fraction
+
+
+def _encoded(tokenizer: Tokenizer, docs: Sequence[Document]) -> Iterator[list[int]]:
+    for start in range(0, len(docs), _ENCODE_CHUNK):
+        yield from tokenizer.encode_batch([d.text for d in docs[start : start + _ENCODE_CHUNK]])
+
+
+class _Counter:
+    """Passes records through while counting input tokens (non-padding) and loss-bearing targets."""
+
+    def __init__(self) -> None:
+        self.num_tokens = 0
+        self.num_loss_tokens = 0
+
+    def __call__(self, rows: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        for row in rows:
+            self.num_tokens += int(np.count_nonzero(row["segment_ids"]))
+            self.num_loss_tokens += int(row["loss_weights"].sum())
+            yield row
+
+
+def prepare(
+    corpus_spec: str,
+    tokenizer_path: str,
+    out_dir: str | os.PathLike,
+    seq_len: int,
+    heldout_fraction: float,
+    num_shards: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Tokenises and packs `corpus_spec` (see `load_corpus`) into `out_dir`; returns the metadata written.
+
+    Each document goes whole to "heldout" (with probability `heldout_fraction`, by `heldout_split`) or
+    "train", so no heldout text is ever trained on. Documents keep corpus order within a split.
+    """
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    docs = load_corpus(corpus_spec)
+    tokenizer = Tokenizer(tokenizer_path)
+    by_split: dict[str, list[Document]] = {name: [] for name in SPLITS}
+    for doc in docs:
+        by_split["heldout" if heldout_split(doc.doc_id, heldout_fraction, seed) else "train"].append(doc)
+    if not by_split["train"]:
+        raise ValueError(f"corpus {corpus_spec!r} leaves no training documents at {heldout_fraction=}")
+
+    splits = {}
+    for name, split_docs in by_split.items():
+        counter = _Counter()
+        rows = pack_documents(_encoded(tokenizer, split_docs), seq_len, tokenizer.bos_id, tokenizer.eos_id)
+        num_records = records.write_split(counter(rows), out_dir, name, num_shards)
+        splits[name] = {
+            "num_documents": len(split_docs),
+            "num_records": num_records,
+            "num_tokens": counter.num_tokens,
+            "num_loss_tokens": counter.num_loss_tokens,
+            "shards": records.shard_names(name, num_shards),
+        }
+    meta = {
+        "format_version": records.FORMAT_VERSION,
+        "fields": records.field_specs({name: (seq_len,) for name in LM_FIELDS}),
+        "seq_len": seq_len,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id,
+        "tokenizer_path": os.path.abspath(tokenizer_path),
+        "tokenizer_sha256": tokenizer.sha256,
+        "corpus": corpus_spec,
+        "heldout_fraction": heldout_fraction,
+        "seed": seed,
+        "splits": splits,
+    }
+    records.write_metadata(out_dir, meta)
+    return meta

@@ -1,0 +1,80 @@
+"""Exports a checkpoint's parameters as a Hugging Face `LlamaForCausalLM` directory (PyTorch/safetensors).
+
+    python tools/export_pytorch.py --checkpoint=runs/demo/checkpoints --out=runs/demo/hf --dtype=bfloat16
+
+`--checkpoint` is a run's checkpoint directory (its latest step is taken) or one step directory. The special
+token ids come from the run's data directory when it is readable, unless given as flags.
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    import m3jax  # noqa: F401
+except ImportError:  # runnable from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from m3jax.checkpoint import CheckpointError, load_config, load_params, resolve_step_dir  # noqa: E402
+from m3jax.data.records import read_metadata  # noqa: E402
+from m3jax.export import save_hf_llama  # noqa: E402
+from m3jax.export.llama import DTYPES  # noqa: E402
+from m3jax.model import ModelConfig  # noqa: E402
+from m3jax.parallel import make_mesh  # noqa: E402
+from m3jax.train.step import abstract_model  # noqa: E402
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A run's checkpoint directory or one step of it.",
+                                  required=True)
+_OUT = flags.DEFINE_string("out", None, "Directory to write config.json and model.safetensors to.",
+                           required=True)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "dtype of the exported weights.")
+_BOS_ID = flags.DEFINE_integer("bos_id", None, "bos token id (default: from the run's data metadata).")
+_EOS_ID = flags.DEFINE_integer("eos_id", None, "eos token id (default: from the run's data metadata).")
+_PAD_ID = flags.DEFINE_integer("pad_id", None, "pad token id (default: from the run's data metadata).")
+
+
+def _data_metadata(config: dict) -> dict:
+    """The run's data metadata.json, or {} when it has none readable here."""
+    path = config.get("data", {}).get("path")
+    if not path:
+        return {}
+    try:
+        return read_metadata(path)
+    except (OSError, ValueError):
+        return {}
+
+
+def special_token_ids(config: dict) -> dict[str, int | None]:
+    """bos/eos/pad ids: the flags, else the run's data metadata, else unknown (None)."""
+    meta = _data_metadata(config)
+    flag_values = {"bos": _BOS_ID.value, "eos": _EOS_ID.value, "pad": _PAD_ID.value}
+    return {f"{k}_token_id": v if v is not None else meta.get(f"{k}_id") for k, v in flag_values.items()}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        step_dir = resolve_step_dir(_CHECKPOINT.value)
+        config = load_config(step_dir)
+        model_cfg = ModelConfig.from_config(config["model"])
+        mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices("cpu")[:1])
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        _, abstract, _ = abstract_model(model_cfg)
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
+        params = load_params(step_dir, target)
+    except CheckpointError as e:
+        sys.exit(f"export_pytorch: {e}")
+    token_ids = special_token_ids(config)
+    paths = save_hf_llama(params, model_cfg, _OUT.value, dtype=_DTYPE.value,
+                          max_position_embeddings=int(config["data"]["seq_len"]), **token_ids)
+    print(f"exported {step_dir} as LlamaForCausalLM ({_DTYPE.value}; vocab {model_cfg.vocab_size} padded to "
+          f"{model_cfg.padded_vocab_size}; {', '.join(f'{k}={v}' for k, v in token_ids.items())})")
+    for path in paths:
+        print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+
+
+if __name__ == "__main__":
+    app.run(main)
