@@ -102,9 +102,14 @@ def initialize_distributed(dist_cfg) -> None:
     An explicit coordinator (address + num_processes + process_id in the config) wins; otherwise JAX's own
     cluster detection handles Cloud TPU pods and SLURM (`SLURM_JOB_ID` with more than one task).
     """
-    if dist_cfg.cpu_collectives and jax.config.jax_platforms in (None, "", "cpu"):
+    explicit = bool(dist_cfg.coordinator_address)
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if not (explicit or slurm or tpu_pod):
+        return
+    if dist_cfg.cpu_collectives:  # used only by the CPU backend (multi-process tests and CPU clusters)
         jax.config.update("jax_cpu_collectives_implementation", dist_cfg.cpu_collectives)
-    if dist_cfg.coordinator_address:
+    if explicit:
         if dist_cfg.num_processes < 1 or dist_cfg.process_id < 0:
             raise ValueError(
                 "config.distributed: coordinator_address is set, so num_processes and process_id must be too "
@@ -115,11 +120,7 @@ def initialize_distributed(dist_cfg) -> None:
             num_processes=dist_cfg.num_processes,
             process_id=dist_cfg.process_id,
         )
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ.get(
-        "TPU_WORKER_HOSTNAMES", ""
-    ):
+    else:  # JAX's own cluster detection fills in the coordinator, process count and id
         jax.distributed.initialize()
-    else:
-        return
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())

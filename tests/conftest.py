@@ -26,3 +26,34 @@ def tiny_config(**model):
 @pytest.fixture
 def config():
     return tiny_config()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def lm_data(tmp_path_factory):
+    """A 1000-token sentencepiece model and 64-token packed data of the embedded corpus, built once."""
+    from m3jax.data.corpus import embedded_corpus
+    from m3jax.data.prepare import prepare
+    from m3jax.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("lm_data")
+    spm = train_tokenizer((d.text for d in embedded_corpus()), str(root / "spm"), vocab_size=1000)
+    prepare("embedded", spm, str(root / "data"), seq_len=64, heldout_fraction=0.05, num_shards=2)
+    return str(root / "data")
+
+
+def lm_config(data_dir, *, num_steps, eval_every=0, stop_at=0, mesh=None, init_from=""):
+    """tests/lm_test_config.py pointed at `data_dir`, with the run length and mesh of one test."""
+    import lm_test_config
+
+    c = lm_test_config.get_config()
+    c.data.path = data_dir
+    c.init_from = init_from
+    c.train.update(num_steps=num_steps, stop_at=stop_at, eval_every=eval_every or num_steps)
+    c.train.checkpoint_every = num_steps
+    c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, num_steps // 2)
+    if mesh:
+        c.mesh.update(mesh)
+    return c

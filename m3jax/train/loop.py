@@ -123,6 +123,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary: dict = {"start_step": start, "losses": {}, "eval": {}}
     window_t0, window_tokens, data_wait = time.perf_counter(), 0.0, 0.0
     step = start
+    if eval_batches and start == 0:
+        summary["eval"][0] = _eval_loss(trainer, state.params, eval_batches)
+        writer.write(0, {"loss": summary["eval"][0]}, prefix="eval")
     while step < stop_at:
         t0 = time.perf_counter()
         local = next(train_iter)

@@ -1,4 +1,4 @@
-"""Metric sinks: stdout (absl logging), a JSONL file and TensorBoard event files. Only process 0 writes."""
+"""Metric sinks: stdout, a JSONL file and TensorBoard event files. Only process 0 writes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 import os
 
 import jax
-from absl import logging
 from tensorboardX import SummaryWriter
 
 
@@ -21,8 +20,8 @@ class MetricWriter:
     def write(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
             return
-        logging.info("[%s] step %d: %s", prefix, step,
-                     "  ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        fields = "  ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        print(f"[{prefix}] step {step}: {fields}", flush=True)
         self._jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
         self._jsonl.flush()
         for k, v in metrics.items():

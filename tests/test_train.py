@@ -1,0 +1,138 @@
+"""End-to-end training on the embedded corpus: learning, exact resume, resharding, checkpoint failures."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, lm_config
+
+from m3jax.checkpoint import CheckpointError, load_params
+from m3jax.parallel import make_mesh
+from m3jax.train import loop
+from m3jax.train.step import Trainer
+
+
+def read_losses(workdir: Path, split: str = "train") -> dict[int, float]:
+    out = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["split"] == split:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def train_cli(workdir: Path, data_dir: str, *overrides: str, devices: int = 2, **popen) -> subprocess.Popen:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "m3jax.train", "--config=tests/lm_test_config.py", f"--workdir={workdir}",
+           f"--config.data.path={data_dir}", "--verbosity=-1", *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def test_held_out_loss_falls(lm_data, tmp_path):
+    config = lm_config(lm_data, num_steps=60, eval_every=30)
+    summary = loop.train(config, str(tmp_path))
+    initial, final = summary["eval"][0], summary["eval"][60]
+    assert initial > 6.0  # ~ln(1000) for an untrained model
+    assert final < initial - 1.0, summary["eval"]  # e.g. 6.9 -> 5.7 nats
+    assert (tmp_path / "tensorboard").is_dir() and list((tmp_path / "tensorboard").iterdir())
+
+
+def test_killed_run_resumes_bitwise(lm_data, tmp_path):
+    """Straight run vs a run SIGKILLed after its first checkpoint and restarted: identical per-step losses."""
+    args = ("--config.train.num_steps=24", "--config.train.log_every=1", "--config.train.checkpoint_every=3")
+    straight = train_cli(tmp_path / "straight", lm_data, *args)
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()
+
+    killed_dir = tmp_path / "killed"
+    proc = train_cli(killed_dir, lm_data, *args)
+    deadline = time.time() + 300
+    while not any(p.name.isdigit() for p in (killed_dir / "checkpoints").glob("*")):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = read_losses(killed_dir)
+    assert max(before, default=0) < 24, "the run finished before it was killed"
+
+    resumed = train_cli(killed_dir, lm_data, *args)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    want, got = read_losses(tmp_path / "straight"), read_losses(killed_dir)  # later lines win on replayed steps
+    assert sorted(got) == list(range(1, 25))
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]
+
+
+def test_restore_onto_a_different_mesh(lm_data, tmp_path):
+    straight = loop.train(lm_config(lm_data, num_steps=6, mesh=dict(data=8, fsdp=1, tensor=1)), str(tmp_path / "a"))
+    loop.train(lm_config(lm_data, num_steps=6, stop_at=3, mesh=dict(data=8, fsdp=1, tensor=1)), str(tmp_path / "b"))
+    resumed = loop.train(lm_config(lm_data, num_steps=6, mesh=dict(data=2, fsdp=2, tensor=2)), str(tmp_path / "b"))
+    assert resumed["start_step"] == 3
+    for step in (4, 5, 6):
+        np.testing.assert_allclose(resumed["losses"][step], straight["losses"][step], rtol=1e-5)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_corrupt_checkpoint_stops_the_run_and_is_kept(lm_data, tmp_path):
+    loop.train(lm_config(lm_data, num_steps=6, stop_at=2), str(tmp_path))
+    ckpt_dir = tmp_path / "checkpoints"
+    for f in (ckpt_dir / "2" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(b"\0garbage" * 8)
+    before = tree_digest(ckpt_dir)
+    with pytest.raises(CheckpointError, match=str(ckpt_dir / "2")):
+        loop.train(lm_config(lm_data, num_steps=6), str(tmp_path))
+    assert tree_digest(ckpt_dir) == before  # nothing overwritten, no new step written
+
+
+def test_init_from_loads_parameters_only(lm_data, tmp_path):
+    source = lm_config(lm_data, num_steps=4)
+    loop.train(source, str(tmp_path / "src"))
+    trainer = Trainer(source, make_mesh(source.mesh))
+    params = load_params(tmp_path / "src" / "checkpoints", trainer.abstract_state().params)
+    restored_state, _, _ = loop.ckpt_lib.Checkpointer(
+        tmp_path / "src" / "checkpoints", save_every=1, max_to_keep=1).restore(4, trainer.abstract_state())
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored_state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    stage2 = lm_config(lm_data, num_steps=2, init_from=str(tmp_path / "src" / "checkpoints"))
+    fresh = loop.train(lm_config(lm_data, num_steps=2), str(tmp_path / "fresh"))
+    warm = loop.train(stage2, str(tmp_path / "stage2"))
+    assert warm["start_step"] == 0
+    assert warm["eval"][0] < fresh["eval"][0] - 0.5  # it starts from the trained parameters
+
+
+def run_cli(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "m3jax.train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bad_config_key_and_values_are_named():
+    out = run_cli("--config=configs/demo.py", "--config.model.num_layer=3", "--dry_run")
+    assert out.returncode != 0 and "num_layer" in out.stderr
+    out = run_cli("--config=configs/demo.py", "--config.model.num_heads=6", "--config.model.num_kv_heads=4",
+                  "--dry_run")
+    assert out.returncode != 0 and "config.model.num_heads" in out.stderr
+
+
+def test_memory3_2b_dry_run_reports_size():
+    out = run_cli("--config=configs/memory3_2b.py", "--dry_run")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    assert 2.40e9 < report["params_non_embedding"] < 2.45e9  # the paper's 2.4B
+    assert report["params_total"] == report["params_non_embedding"] + 2 * 60416 * 3200
+    assert report["train_flops_per_token"] == pytest.approx(
+        6 * (report["params_non_embedding"] + 60416 * 3200) + 6 * 44 * 2048 * 40 * 80)
