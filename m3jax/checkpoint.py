@@ -23,13 +23,12 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-    """Keeps the last `max_to_keep` checkpoints of a run under `directory`, saving every `save_every` steps."""
+    """Keeps the last `max_to_keep` checkpoints of a run under `directory`."""
 
-    def __init__(self, directory: str | os.PathLike, *, save_every: int, max_to_keep: int, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int, async_save: bool = True):
         self.directory = epath.Path(directory)
         self._check_readable_layout()
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every,
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
             create=True,
@@ -54,11 +53,11 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def should_save(self, step: int) -> bool:
-        return self.manager.should_save(step)
+    def save(self, step: int, state: Any, data_state: dict, config: dict) -> bool:
+        """Saves `step` now (asynchronously when enabled). `data_state` is the data iterator's JSON state.
 
-    def save(self, step: int, state: Any, data_state: dict, config: dict, *, force: bool = False) -> bool:
-        """Saves (asynchronously when enabled). `data_state` is the data iterator's JSON state."""
+        The caller decides when (every `train.checkpoint_every` steps and at the end of an invocation).
+        """
         return self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -66,7 +65,7 @@ class Checkpointer:
                 data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(config),
             ),
-            force=force,
+            force=True,
         )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:

@@ -53,7 +53,6 @@ def lm_config(data_dir, *, num_steps, eval_every=0, stop_at=0, mesh=None, init_f
     c.init_from = init_from
     c.train.update(num_steps=num_steps, stop_at=stop_at, eval_every=eval_every or num_steps)
     c.train.checkpoint_every = num_steps
-    c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, num_steps // 2)
     if mesh:
         c.mesh.update(mesh)
     return c

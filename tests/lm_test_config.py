@@ -10,7 +10,7 @@ def get_config():
                    mlp_dim=128, dtype="float32")
     c.data.seq_len = 64
     c.data.global_batch_size = 16
-    c.optimizer.update(peak_lr=1e-2, warmup_steps=5, decay_fraction=0.2)
+    c.optimizer.update(peak_lr=1e-2, warmup_steps=2, decay_fraction=0.2)
     c.train.update(num_steps=20, log_every=1, eval_every=0, eval_batches=2, checkpoint_every=1000)
     c.mesh.update(data=-1, fsdp=1, tensor=1)
     return c

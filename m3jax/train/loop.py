@@ -83,7 +83,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     ckpt = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"),
-        save_every=int(config.train.checkpoint_every),
         max_to_keep=int(config.train.keep_checkpoints),
         async_save=bool(config.train.async_checkpointing),
     )
@@ -149,8 +148,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.write(step, {"loss": loss}, prefix="eval")
             summary["eval"][step] = loss
             window_t0 = time.perf_counter()
-        if ckpt.should_save(step) or step == stop_at:
-            ckpt.save(step, state, train_iter.get_state(), config_json, force=step == stop_at)
+        if step % int(config.train.checkpoint_every) == 0 or step == stop_at:
+            ckpt.save(step, state, train_iter.get_state(), config_json)
     ckpt.wait()
     ckpt.close()
     writer.close()
