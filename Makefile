@@ -20,8 +20,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	DEMO_DIR=$(DEMO_DIR) PY=$(PY) bash tools/demo.sh
 
+# pytest exits 5 when it collects no test: that is a failure here, said out loud.
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	@$(PY) -m pytest tests -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check m3jax tools tests configs

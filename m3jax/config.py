@@ -139,6 +139,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
     _check(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}, got {m.remat!r}")
 
+    t = c.train
+    _check(t.num_steps > 0, "train.num_steps", f"must be positive, got {t.num_steps}")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        _check(t[key] > 0, f"train.{key}", f"must be positive, got {t[key]}")
+    _check(t.stop_at >= 0, "train.stop_at", f"must be >= 0, got {t.stop_at}")
+    _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+
     o = c.optimizer
     _check(o.schedule in SCHEDULES, "optimizer.schedule", f"must be one of {SCHEDULES}, got {o.schedule!r}")
     _check(o.peak_lr > 0, "optimizer.peak_lr", f"must be positive, got {o.peak_lr}")
@@ -148,13 +155,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _check(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     _check(o.grad_accum_steps >= 1, "optimizer.grad_accum_steps", f"must be >= 1, got {o.grad_accum_steps}")
     _check(o.clip_norm >= 0, "optimizer.clip_norm", f"must be >= 0, got {o.clip_norm}")
-
-    t = c.train
-    _check(t.num_steps > 0, "train.num_steps", f"must be positive, got {t.num_steps}")
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
-        _check(t[key] > 0, f"train.{key}", f"must be positive, got {t[key]}")
-    _check(t.stop_at >= 0, "train.stop_at", f"must be >= 0, got {t.stop_at}")
-    _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
 
     sizes = {ax: int(c.mesh[ax]) for ax in MESH_AXES}
     for ax, n in sizes.items():

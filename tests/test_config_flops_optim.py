@@ -1,0 +1,94 @@
+"""Config validation, the pinned FLOPs formula, the LR schedules and the weight-decay mask."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from m3jax.config import ConfigError, validate
+from m3jax.model import ModelConfig
+from m3jax.parallel import logical_to_spec
+from m3jax.train import flops as flops_lib
+from m3jax.train.optimizer import decay_mask, lr_schedule
+from m3jax.train.step import abstract_model
+
+
+@pytest.mark.parametrize("key,value,names", [
+    ("model.num_kv_heads", 3, "config.model.num_heads"),
+    ("model.head_dim", 15, "config.model.head_dim"),
+    ("model.dtype", "float16", "config.model.dtype"),
+    ("model.remat", "some", "config.model.remat"),
+    ("optimizer.schedule", "linear", "config.optimizer.schedule"),
+    ("optimizer.grad_accum_steps", 3, "config.data.global_batch_size"),
+    ("train.num_steps", 0, "config.train.num_steps"),
+])
+def test_inconsistent_values_name_the_key(key, value, names):
+    c = tiny_config()
+    section, name = key.split(".")
+    c[section][name] = value
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        validate(c)
+
+
+def test_mesh_must_match_device_count():
+    c = tiny_config()
+    c.mesh.update(data=2, fsdp=2, tensor=1)
+    with pytest.raises(ConfigError, match=r"config\.mesh: .* is 4, but there are 8 devices"):
+        validate(c, num_devices=8)
+    c.mesh.update(data=-1, fsdp=3)
+    with pytest.raises(ConfigError, match=r"config\.mesh"):
+        validate(c, num_devices=8)
+    c.mesh.update(data=-1, fsdp=2, tensor=2)
+    validate(c, num_devices=8)
+
+
+def test_locked_config_rejects_unknown_keys():
+    c = tiny_config()
+    c.lock()
+    with pytest.raises(AttributeError, match="num_layer"):
+        c.model.num_layer = 3
+
+
+def test_flops_formula_is_pinned():
+    cfg = ModelConfig(vocab_size=1000, vocab_multiple=128, num_layers=2, hidden_size=64, num_heads=4,
+                      num_kv_heads=2, head_dim=16, mlp_dim=96)
+    # By hand: per layer q 64*64 + k,v 2*64*32 + o 64*64 + MLP 3*64*96 + 2 norms of 64; final norm 64;
+    # LM head 64*1024 (padded vocab); the embedding gather is not counted.
+    layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 96 + 2 * 64
+    n = 2 * layer + 64 + 64 * 1024
+    seq = 128
+    assert flops_lib.train_flops_per_token(cfg, seq) == 6 * n + 6 * 2 * seq * 4 * 16
+    # The analytic count agrees with the parameters the model actually creates.
+    _, params, _ = abstract_model(cfg)
+    assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == cfg.param_counts()["total"]
+    assert flops_lib.mfu(1000.0, 1e9, 2, 1e12) == pytest.approx(0.5)
+
+
+def test_wsd_and_cosine_schedules():
+    c = tiny_config()
+    o = c.optimizer
+    o.update(peak_lr=1.0, warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.1, schedule="wsd")
+    f = lr_schedule(o, 100)
+    assert float(f(0)) == pytest.approx(0.1) and float(f(9)) == pytest.approx(1.0)
+    assert float(f(50)) == pytest.approx(1.0) and float(f(80)) == pytest.approx(1.0)  # stable until 80
+    assert float(f(90)) == pytest.approx(0.1**0.5, rel=1e-5) and float(f(100)) == pytest.approx(0.1, rel=1e-5)
+    o.schedule = "cosine"
+    f = lr_schedule(o, 100)
+    assert float(f(55)) == pytest.approx(0.55, rel=1e-5) and float(f(100)) == pytest.approx(0.1, rel=1e-5)
+
+
+def test_weight_decay_mask_spares_norms_and_embedding():
+    _, params, _ = abstract_model(ModelConfig.from_config(tiny_config().model))
+    mask = decay_mask(params, decay_norms_and_embeddings=False)
+    assert not mask["embed"] and not mask["final_norm"] and not mask["layers"]["attn_norm"]
+    assert mask["lm_head"] and mask["layers"]["wq"] and mask["layers"]["w_down"]
+    assert all(jax.tree.leaves(decay_mask(params, decay_norms_and_embeddings=True)))
+
+
+def test_logical_rules_map_and_never_reuse_a_mesh_axis():
+    rules = tiny_config().logical_axis_rules
+    assert tuple(logical_to_spec(("batch", "seq"), rules)) == (("data", "fsdp"), None)
+    assert tuple(logical_to_spec(("layers", "embed", "heads", "head_dim"), rules)) == (None, "fsdp", "tensor", None)
+    assert tuple(logical_to_spec(("vocab", "mlp"), rules)) == ("tensor", None)  # tensor already used
+    with pytest.raises(KeyError, match="'nope'"):
+        logical_to_spec(("nope",), rules)
