@@ -95,10 +95,12 @@ class Checkpointer:
 
 
 def resolve_step_dir(path: str | os.PathLike) -> epath.Path:
-    """A run's checkpoint directory (-> its latest step) or one step directory -> that step's directory."""
+    """A run's workdir or checkpoint directory (-> its latest step), or one step directory -> that step's directory."""
     path = epath.Path(path)
     if (path / "state").exists():
         return path
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").exists())
