@@ -94,6 +94,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     latest = ckpt.latest_step()
     if latest is not None:
         state, data_state, _ = ckpt.restore(latest, trainer.abstract_state())
+        # The iterator state counts this process's batches, which is the same number on every process (each
+        # takes one local batch per global batch), so the one JSON copy that Orbax saves serves all of them.
         train_iter.set_state(data_state)
         logging.info("resumed from %s at step %d", ckpt.directory / str(latest), latest)
     elif config.init_from:
