@@ -172,7 +172,7 @@ def test_cli_exports_an_orbax_checkpoint(tmp_path):
     trainer = Trainer(config, make_mesh(config.mesh, jax.devices()[:1]))
     state = trainer.init_state()
     ckpt = Checkpointer(tmp_path / "checkpoints", max_to_keep=2, async_save=False)
-    ckpt.save(5, state, {}, json.loads(config.to_json_best_effort()), force=True)
+    ckpt.save(5, state, {}, json.loads(config.to_json_best_effort()))
     ckpt.wait()
     ckpt.close()
 

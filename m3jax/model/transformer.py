@@ -13,6 +13,8 @@ attend across a boundary; 0 = padding). Later stages add memory inputs beside th
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -33,6 +35,21 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return (xf * weight).astype(x.dtype)
+
+
+def dense(x: jax.Array, w: jax.Array, num_in_axes: int = 1, out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """x [*lead, *in] contracted with a kernel w [*in, *out] -> [*lead, *out], as one 2-D matmul.
+
+    The operands are flattened to [tokens, in] x [in, out] (bitcasts): the same math as an einsum such as
+    "btd,dhk->bthk", but the weight gradient then contracts a single token axis. XLA:CPU lowers the
+    multi-axis form ("btd,btf->df") with explicit transposes of the activations and their gradients; the 2-D
+    form has none (a scanned SwiGLU MLP's forward + backward at 4096 x 1024 x 2816 is ~20% faster).
+    """
+    in_shape, out_shape = w.shape[:num_in_axes], w.shape[num_in_axes:]
+    lead = x.shape[: x.ndim - num_in_axes]
+    y = jnp.matmul(x.reshape(math.prod(lead), math.prod(in_shape)), w.reshape(math.prod(in_shape), -1),
+                   preferred_element_type=out_dtype)
+    return y.reshape(*lead, *out_shape)
 
 
 class Block(nnx.Module):
@@ -57,23 +74,23 @@ class Block(nnx.Module):
         self.w_down = _param(rngs, (n, f, d), ("layers", "mlp", "embed"), out_std)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: [batch, seq, hidden]; cos/sin: [batch, seq, head_dim]; mask: [batch, seq, seq]."""
+        """x: [batch, seq, hidden]; cos/sin: [batch, seq, head_dim]; mask: [batch, seq, seq], causal."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         h = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
-        q = jnp.einsum("btd,dhk->bthk", h, self.wq[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", h, self.wk[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", h, self.wv[...].astype(dt))
+        q = dense(h, self.wq[...].astype(dt))
+        k = dense(h, self.wk[...].astype(dt))
+        v = dense(h, self.wv[...].astype(dt))
         q = shard_activation(attn_lib.apply_rope(q, cos, sin), (BATCH, SEQ, "heads", "head_dim"))
         k = shard_activation(attn_lib.apply_rope(k, cos, sin), (BATCH, SEQ, "kv_heads", "head_dim"))
         v = shard_activation(v, (BATCH, SEQ, "kv_heads", "head_dim"))
-        o = attn_lib.dot_product_attention(q, k, v, mask)
-        x = x + shard_activation(jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(dt)), (BATCH, SEQ, EMBED))
+        o = attn_lib.dot_product_attention(q, k, v, mask, causal=True)
+        x = x + shard_activation(dense(o, self.wo[...].astype(dt), num_in_axes=2), (BATCH, SEQ, EMBED))
 
         h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
-        gate = jnp.einsum("btd,df->btf", h, self.w_gate[...].astype(dt))
-        up = jnp.einsum("btd,df->btf", h, self.w_up[...].astype(dt))
+        gate = dense(h, self.w_gate[...].astype(dt))
+        up = dense(h, self.w_up[...].astype(dt))
         act = shard_activation(jax.nn.silu(gate) * up, (BATCH, SEQ, "mlp"))
-        return x + shard_activation(jnp.einsum("btf,fd->btd", act, self.w_down[...].astype(dt)), (BATCH, SEQ, EMBED))
+        return x + shard_activation(dense(act, self.w_down[...].astype(dt)), (BATCH, SEQ, EMBED))
 
 
 _REMAT_POLICIES = {
@@ -104,8 +121,10 @@ class Transformer(nnx.Module):
         mask = attn_lib.attention_mask(segment_ids, segment_ids)
         x = self._blocks(x, cos, sin, mask)
         x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
-        logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+        logits = dense(x, self.lm_head[...].astype(dt), out_dtype=jnp.float32)
         logits = shard_activation(logits, (BATCH, SEQ, "vocab"))
+        if cfg.padded_vocab_size == cfg.vocab_size:  # no padding rows: skip a pass over [b, t, V]
+            return logits
         vocab_ok = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
         return jnp.where(vocab_ok, logits, attn_lib.NEG_INF)
 

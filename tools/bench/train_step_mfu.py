@@ -1,11 +1,16 @@
 """Train-step MFU of the m3jax model vs a naive jnp Transformer of the same shape, measured in one run.
 
-    python tools/bench/train_step_mfu.py [--layers=8 --hidden=1024 --seq=512 --batch=8 --steps=3]
+    python tools/bench/train_step_mfu.py [--layers=8 --hidden=1024 --seq=512 --batch=8 --steps=3] [--breakdown]
 
 Both steps are timed on the same machine, back to back; MFU uses the one FLOPs formula (m3jax.train.flops)
 against the best float32 2048³ matmul rate measured in this process, so the ratio cannot move by changing the
 baseline. The naive baseline: scanned layers, `jax.nn.dot_product_attention`, plain SGD, full multi-head
 attention with the same FLOPs shape. This ~100M config is the reference later benchmarks compare against.
+
+`--breakdown` also times each step's parts as separate jitted functions: the forward (loss), the forward +
+backward (gradients) and the parameter update (AdamW + clipping for m3jax, SGD for the baseline). The parts
+need not add up to the step: on their own they allocate fresh outputs where the step reuses its donated state,
+and the step overlaps and fuses across their boundaries.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from m3jax import parallel  # noqa: E402
 from m3jax.config import base_config  # noqa: E402
 from m3jax.model import ModelConfig  # noqa: E402
 from m3jax.parallel import make_mesh  # noqa: E402
@@ -36,6 +43,7 @@ _VOCAB = flags.DEFINE_integer("vocab", 32000, "vocabulary")
 _SEQ = flags.DEFINE_integer("seq", 512, "sequence length")
 _BATCH = flags.DEFINE_integer("batch", 8, "batch size")
 _STEPS = flags.DEFINE_integer("steps", 3, "timed steps per model (after one compile step)")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "also time forward, forward+backward and update separately")
 
 
 def bench_config():
@@ -87,12 +95,44 @@ def naive_step_fn(cfg: ModelConfig):
         logits = rms(x) @ p["head"]
         return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
 
+    def sgd(p, g):
+        return jax.tree.map(lambda a, b: a - 1e-3 * b, p, g)
+
     @jax.jit
     def step(p, tokens, targets):
-        l, g = jax.value_and_grad(loss)(p, tokens, targets)
-        return jax.tree.map(lambda a, b: a - 1e-3 * b, p, g), l
+        value, g = jax.value_and_grad(loss)(p, tokens, targets)
+        return sgd(p, g), value
 
-    return init, step
+    return init, step, loss, sgd
+
+
+def parts(loss, update, params, grad_args, update_args):
+    """Best times of the forward, forward + backward and update of one step, each jitted on its own."""
+    fwd, grads, upd = jax.jit(loss), jax.jit(jax.grad(loss)), jax.jit(update)
+    g = grads(params, *grad_args)
+    return {
+        "forward": time_steps(lambda: jax.block_until_ready(fwd(params, *grad_args)), _STEPS.value),
+        "forward+backward": time_steps(lambda: jax.block_until_ready(grads(params, *grad_args)), _STEPS.value),
+        "update": time_steps(lambda: jax.block_until_ready(upd(*update_args(g))), _STEPS.value),
+    }
+
+
+def breakdown(trainer, state, gbatch, naive_loss, naive_sgd, naive_params, naive_args):
+    """Prints the per-part times of both steps (see the module docstring)."""
+
+    def ours_loss(params, batch):
+        with parallel.axis_rules(trainer.rules):
+            return trainer._loss(params, batch)[0]
+
+    def ours_update(params, opt_state, grads):
+        updates, opt_state = trainer.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    with jax.set_mesh(trainer.mesh):
+        ours = parts(ours_loss, ours_update, state.params, (gbatch,), lambda g: (state.params, state.opt_state, g))
+    naive = parts(naive_loss, naive_sgd, naive_params, naive_args, lambda g: (naive_params, g))
+    for name in ours:
+        print(f"  {name:17s} m3jax {ours[name]:7.3f} s   naive {naive[name]:7.3f} s")
 
 
 def time_steps(run, steps: int) -> float:
@@ -124,13 +164,13 @@ def main(argv):
         holder["state"], m = trainer.train_step(holder["state"], gbatch)
         jax.block_until_ready(m)
 
-    init, naive = naive_step_fn(cfg)
+    init, naive, naive_loss, naive_sgd = naive_step_fn(cfg)
     naive_holder = {"p": init(jax.random.key(0))}
     jt, jy = jnp.asarray(tokens), jnp.asarray(batch["targets"])
 
     def baseline():
-        naive_holder["p"], l = naive(naive_holder["p"], jt, jy)
-        jax.block_until_ready(l)
+        naive_holder["p"], value = naive(naive_holder["p"], jt, jy)
+        jax.block_until_ready(value)
 
     peak = flops_lib.measure_matmul_flops()
     fpt = flops_lib.train_flops_per_token(cfg, t)
@@ -147,6 +187,9 @@ def main(argv):
     print(f"m3jax train step (AdamW, clip): {t_ours:.3f} s/step  MFU {mfu_ours:.1%}")
     print(f"naive jnp step (SGD):           {t_naive:.3f} s/step  MFU {mfu_naive:.1%}")
     print(f"ratio m3jax/naive MFU: {mfu_ours / mfu_naive:.3f}")
+    if _BREAKDOWN.value:
+        print("per part (best of --steps, each part jitted on its own):")
+        breakdown(trainer, holder["state"], gbatch, naive_loss, naive_sgd, naive_holder["p"], (jt, jy))
 
 
 if __name__ == "__main__":
