@@ -19,6 +19,6 @@ def get_config():
     )
     c.data.seq_len = 256
     c.data.global_batch_size = 16
-    c.optimizer.update(peak_lr=3e-3, warmup_steps=30, decay_fraction=0.2, min_lr_ratio=0.05)
-    c.train.update(num_steps=300, log_every=25, eval_every=100, eval_batches=6, checkpoint_every=100)
+    c.optimizer.update(peak_lr=3e-3, warmup_steps=20, decay_fraction=0.2, min_lr_ratio=0.05)
+    c.train.update(num_steps=200, log_every=20, eval_every=50, eval_batches=6, checkpoint_every=100)
     return c

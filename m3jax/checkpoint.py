@@ -26,7 +26,7 @@ class Checkpointer:
     """Keeps the last `max_to_keep` checkpoints of a run under `directory`."""
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int, async_save: bool = True):
-        self.directory = epath.Path(directory)
+        self.directory = epath.Path(os.path.abspath(directory))  # Orbax needs absolute paths
         self._check_readable_layout()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
@@ -96,7 +96,7 @@ class Checkpointer:
 
 def resolve_step_dir(path: str | os.PathLike) -> epath.Path:
     """A run's workdir or checkpoint directory (-> its latest step), or one step directory -> that step's directory."""
-    path = epath.Path(path)
+    path = epath.Path(os.path.abspath(path))
     if (path / "state").exists():
         return path
     if (path / "checkpoints").is_dir():

@@ -9,7 +9,7 @@ export PY
 
 if [[ ! -f "$DEMO_DIR/tokenizer/spm.model" ]]; then
   echo "== 1/3 tokenizer (sentencepiece BPE on the embedded CPython docs corpus)"
-  "$PY" tools/train_tokenizer.py --corpus=embedded --out="$DEMO_DIR/tokenizer/spm" --vocab_size=8192
+  "$PY" tools/train_tokenizer.py --corpus=embedded --out="$DEMO_DIR/tokenizer/spm" --vocab_size=4096
 fi
 if [[ ! -f "$DEMO_DIR/data/metadata.json" ]]; then
   echo "== 2/3 packed sequences (ArrayRecord, train + held-out documents)"
