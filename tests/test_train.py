@@ -37,13 +37,15 @@ def train_cli(workdir: Path, data_dir: str, *overrides: str, devices: int = 2, *
                             **popen)
 
 
-def test_held_out_loss_falls(lm_data, tmp_path):
+def test_held_out_loss_falls(lm_data, tmp_path, monkeypatch):
     config = lm_config(lm_data, num_steps=60, eval_every=30)
-    summary = loop.train(config, str(tmp_path))
+    monkeypatch.chdir(tmp_path.parent)
+    summary = loop.train(config, tmp_path.name)  # a relative workdir, as users type it
     initial, final = summary["eval"][0], summary["eval"][60]
     assert initial > 6.0  # ~ln(1000) for an untrained model
     assert final < initial - 1.0, summary["eval"]  # e.g. 6.9 -> 5.7 nats
     assert (tmp_path / "tensorboard").is_dir() and list((tmp_path / "tensorboard").iterdir())
+    assert (tmp_path / "checkpoints" / "60" / "state").is_dir()
 
 
 def test_killed_run_resumes_bitwise(lm_data, tmp_path):
