@@ -1,6 +1,7 @@
 """Train-step MFU of the m3jax model vs a naive jnp Transformer of the same shape, measured in one run.
 
     python tools/bench/train_step_mfu.py [--layers=8 --hidden=1024 --seq=512 --batch=8 --steps=3] [--breakdown]
+    python tools/bench/train_step_mfu.py --dtype=bfloat16 ...   # on a GPU/TPU: MFU against the chip's bf16 peak
 
 Both steps are timed on the same machine, back to back; MFU uses the one FLOPs formula (m3jax.train.flops)
 against the best float32 2048³ matmul rate measured in this process, so the ratio cannot move by changing the
@@ -43,6 +44,7 @@ _VOCAB = flags.DEFINE_integer("vocab", 32000, "vocabulary")
 _SEQ = flags.DEFINE_integer("seq", 512, "sequence length")
 _BATCH = flags.DEFINE_integer("batch", 8, "batch size")
 _STEPS = flags.DEFINE_integer("steps", 3, "timed steps per model (after one compile step)")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of both models")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "also time forward, forward+backward and update separately")
 
 
@@ -50,7 +52,7 @@ def bench_config():
     c = base_config()
     c.model.update(vocab_size=_VOCAB.value, vocab_multiple=128, num_layers=_LAYERS.value, hidden_size=_HIDDEN.value,
                    num_heads=_HEADS.value, num_kv_heads=_KV_HEADS.value, head_dim=_HIDDEN.value // _HEADS.value,
-                   mlp_dim=_MLP.value, dtype="float32")
+                   mlp_dim=_MLP.value, dtype=_DTYPE.value)
     c.data.seq_len, c.data.global_batch_size = _SEQ.value, _BATCH.value
     c.train.num_steps = 1000
     c.mesh.update(data=1, fsdp=1, tensor=1)
@@ -77,6 +79,7 @@ def naive_step_fn(cfg: ModelConfig):
         return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-5)
 
     def loss(p, tokens, targets):
+        p = jax.tree.map(lambda a: a.astype(cfg.dtype), p)  # float32 master weights, compute in cfg.dtype
         x = p["embed"][tokens]
         b, t = tokens.shape
 
@@ -93,6 +96,7 @@ def naive_step_fn(cfg: ModelConfig):
         layers = {k: p[k] for k in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")}
         x, _ = jax.lax.scan(layer, x, layers)
         logits = rms(x) @ p["head"]
+        logits = logits.astype(jnp.float32)
         return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
 
     def sgd(p, g):
@@ -172,18 +176,22 @@ def main(argv):
         naive_holder["p"], value = naive(naive_holder["p"], jt, jy)
         jax.block_until_ready(value)
 
-    peak = flops_lib.measure_matmul_flops()
+    on_cpu = jax.devices()[0].platform == "cpu"
+    # CPU: the best float32 matmul measured here, before and after; accelerators: the chip's bf16 peak (table).
+    peak = flops_lib.measure_matmul_flops() if on_cpu else flops_lib.device_peak_flops()
     fpt = flops_lib.train_flops_per_token(cfg, t)
     t_ours = time_steps(ours, _STEPS.value)
     t_naive = time_steps(baseline, _STEPS.value)
-    peak = max(peak, flops_lib.measure_matmul_flops())  # re-measured after, best of both
+    if on_cpu:
+        peak = max(peak, flops_lib.measure_matmul_flops())  # re-measured after, best of both
     mfu_ours = flops_lib.mfu(b * t / t_ours, fpt, 1, peak)
     mfu_naive = flops_lib.mfu(b * t / t_naive, fpt, 1, peak)
     counts = cfg.param_counts()
     print(f"config: layers={cfg.num_layers} hidden={cfg.hidden_size} heads={cfg.num_heads}/{cfg.num_kv_heads} "
           f"mlp={cfg.mlp_dim} vocab={cfg.vocab_size} seq={t} batch={b}; matmul params {counts['matmul'] / 1e6:.1f}M, "
           f"total {counts['total'] / 1e6:.1f}M; {fpt / 1e9:.3f} GFLOP/token")
-    print(f"float32 2048^3 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+    kind = "float32 2048^3 matmul, measured" if on_cpu else f"{jax.devices()[0].device_kind} bf16 peak, table"
+    print(f"peak ({kind}): {peak / 1e9:.1f} GFLOP/s; compute dtype {_DTYPE.value}")
     print(f"m3jax train step (AdamW, clip): {t_ours:.3f} s/step  MFU {mfu_ours:.1%}")
     print(f"naive jnp step (SGD):           {t_naive:.3f} s/step  MFU {mfu_naive:.1%}")
     print(f"ratio m3jax/naive MFU: {mfu_ours / mfu_naive:.3f}")
