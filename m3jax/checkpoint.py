@@ -1,8 +1,11 @@
 """Orbax checkpoints: train state, data-iterator state and config, restorable onto any mesh.
 
-Layout: `{workdir}/checkpoints/{step}/{state,data,config}`. A checkpoint that exists but cannot be restored is
-an error naming it (`CheckpointError`): the run stops, the checkpoint is left as it is, and nothing restarts from
-step 0 over it. Evaluation jobs and exporters load parameters with `load_params` without the training loop.
+Layout: `{workdir}/checkpoints/{step}/{state,data,config,loop}`: the train state (Orbax arrays), the data
+iterator's state, the config, and the loop's host-side state (the spike guard's statistics and rescue log).
+
+A checkpoint that exists but cannot be restored is an error naming it (`CheckpointError`): the run stops, the
+checkpoint is left as it is, and nothing restarts from step 0 over it. Evaluation jobs and exporters load
+parameters with `load_params` without the training loop.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-ITEMS = ("state", "data", "config")
+ITEMS = ("state", "data", "config", "loop")
 
 
 class CheckpointError(RuntimeError):
@@ -53,8 +56,9 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: dict, config: dict) -> bool:
-        """Saves `step` now (asynchronously when enabled). `data_state` is the data iterator's JSON state.
+    def save(self, step: int, state: Any, data_state: dict, config: dict, loop_state: dict | None = None) -> bool:
+        """Saves `step` now (asynchronously when enabled). `data_state` is the data iterator's JSON state,
+        `loop_state` the training loop's own JSON state.
 
         The caller decides when (every `train.checkpoint_every` steps and at the end of an invocation).
         """
@@ -64,28 +68,27 @@ class Checkpointer:
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(config),
+                loop=ocp.args.JsonSave(loop_state or {}),
             ),
             force=True,
         )
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-        """(state, data_state, config) of `step`, with arrays placed as the shardings in `abstract_state` say."""
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict, dict]:
+        """(state, data_state, config, loop_state) of `step`, arrays placed as `abstract_state`'s shardings say."""
         path = self.directory / str(step)
+        items = dict(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()
+        )
+        if (path / "loop").exists():  # absent from checkpoints written before the loop kept state of its own
+            items["loop"] = ocp.args.JsonRestore()
         try:
-            out = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore(),
-                    config=ocp.args.JsonRestore(),
-                ),
-            )
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - any failure to read an existing checkpoint stops the run
             raise CheckpointError(
                 f"checkpoint {path} exists but cannot be restored ({type(e).__name__}: {e}). The run stops "
                 "here and leaves it untouched; fix or move it to resume, never restart over it."
             ) from e
-        return out.state, out.data, out.config
+        return out.state, out.data, out.config, (out.get("loop") or {})
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

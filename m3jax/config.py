@@ -103,6 +103,26 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 200
     t.keep_checkpoints = 3
     t.async_checkpointing = True
+    # Profiling: a jax.profiler trace of steps [profile_start, profile_start + profile_steps) into WORKDIR/profile
+    # (TensorBoard's profile plugin or Perfetto read it). 0 = off.
+    t.profile_start = 0
+    t.profile_steps = 5
+    t.profile_all_processes = False  # False: process 0 only
+
+    # Loss-spike guard: a non-finite loss, or a loss more than `threshold` running standard deviations (and at
+    # least `min_increase` nats) above its running mean, restores the last good checkpoint, skips the batches
+    # that led there, multiplies the learning rate by `lr_factor`, and goes on; the run stops with an error
+    # after `max_rescues` rescues. The running mean/variance are exponential averages over ~`window` steps and
+    # judge spikes only once `min_steps` losses were seen (non-finite losses always count).
+    c.spike_guard = ml_collections.ConfigDict()
+    g = c.spike_guard
+    g.enabled = True
+    g.threshold = 6.0
+    g.min_increase = 0.5
+    g.window = 100
+    g.min_steps = 50
+    g.max_rescues = 3
+    g.lr_factor = 1.0
 
     c.distributed = ml_collections.ConfigDict()
     d = c.distributed
@@ -145,6 +165,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         _check(t[key] > 0, f"train.{key}", f"must be positive, got {t[key]}")
     _check(t.stop_at >= 0, "train.stop_at", f"must be >= 0, got {t.stop_at}")
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+
+    _check(t.profile_start >= 0, "train.profile_start", f"must be >= 0 (0 = off), got {t.profile_start}")
+    _check(t.profile_steps > 0, "train.profile_steps", f"must be positive, got {t.profile_steps}")
+    g = c.spike_guard
+    _check(g.threshold > 0, "spike_guard.threshold", f"must be positive, got {g.threshold}")
+    _check(g.min_increase >= 0, "spike_guard.min_increase", f"must be >= 0, got {g.min_increase}")
+    _check(g.window >= 2, "spike_guard.window", f"must be >= 2, got {g.window}")
+    _check(g.min_steps >= 1, "spike_guard.min_steps", f"must be >= 1, got {g.min_steps}")
+    _check(g.max_rescues >= 0, "spike_guard.max_rescues", f"must be >= 0, got {g.max_rescues}")
+    _check(0 < g.lr_factor <= 1, "spike_guard.lr_factor", f"must be in (0, 1], got {g.lr_factor}")
 
     o = c.optimizer
     _check(o.schedule in SCHEDULES, "optimizer.schedule", f"must be one of {SCHEDULES}, got {o.schedule!r}")

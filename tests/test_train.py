@@ -104,7 +104,7 @@ def test_init_from_loads_parameters_only(lm_data, tmp_path):
     loop.train(source, str(tmp_path / "src"))
     trainer = Trainer(source, make_mesh(source.mesh))
     params = load_params(tmp_path / "src" / "checkpoints", trainer.abstract_state().params)
-    restored_state, _, _ = loop.ckpt_lib.Checkpointer(
+    restored_state, *_ = loop.ckpt_lib.Checkpointer(
         tmp_path / "src" / "checkpoints", max_to_keep=1).restore(4, trainer.abstract_state())
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored_state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

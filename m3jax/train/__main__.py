@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,6 +28,8 @@ def main(argv):
         raise app.UsageError("--workdir is required to train")
     summary = loop.train(config, _WORKDIR.value)
     logging.info("summary: %s", json.dumps(summary))
+    if summary["preempted_at"] is not None:  # saved on a preemption notice: tell the scheduler work remains
+        sys.exit(loop.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

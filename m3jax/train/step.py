@@ -29,6 +29,7 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    lr_scale: jax.Array  # float32 scalar multiplying the scheduled learning rate (lowered by the spike guard)
 
 
 def abstract_model(model_cfg: ModelConfig):
@@ -76,7 +77,8 @@ class Trainer:
             self.optimizer, lambda _, sharding: sharding, abstract_opt, self.param_shardings,
             transform_non_params=lambda _: replicated,
         )
-        self.state_shardings = TrainState(step=replicated, params=self.param_shardings, opt_state=opt_shardings)
+        self.state_shardings = TrainState(step=replicated, params=self.param_shardings, opt_state=opt_shardings,
+                                          lr_scale=replicated)
         self.batch_sharding = NamedSharding(mesh, parallel.logical_to_spec(("batch", "seq"), self.rules))
 
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
@@ -109,11 +111,19 @@ class Trainer:
         params = jax.device_put(params, self.param_shardings)
         opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings.opt_state)(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step)
-        return TrainState(step=step, params=params, opt_state=opt_state)
+        lr_scale = jax.device_put(jnp.ones((), jnp.float32), self.state_shardings.lr_scale)
+        return TrainState(step=step, params=params, opt_state=opt_state, lr_scale=lr_scale)
+
+    def scale_lr(self, state: TrainState, factor: float) -> TrainState:
+        """`state` with its learning-rate multiplier set to `factor` (1 = the schedule as configured)."""
+        with jax.set_mesh(self.mesh):
+            lr_scale = jax.jit(lambda: jnp.full((), factor, jnp.float32), out_shardings=self.state_shardings.lr_scale)()
+        return state.replace(lr_scale=lr_scale)
 
     def _init_state(self) -> TrainState:
         params = init_params(self.model_cfg, int(self.config.seed))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params),
+                          lr_scale=jnp.ones((), jnp.float32))
 
     # ----------------------------------------------------------------------------------------------- steps
     def apply(self, params, batch) -> jax.Array:
@@ -147,15 +157,18 @@ class Trainer:
             denom = jnp.maximum(weight, 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            # AdamW's update is linear in the learning rate, so scaling it scales the learning rate.
+            updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
             params = optax.apply_updates(state.params, updates)
             metrics = {
                 "loss": nll / denom,
                 "total_loss": total / denom,
                 "grad_norm": optax.tree.norm(grads),
-                "lr": self.schedule(state.step),
+                "lr": self.schedule(state.step) * state.lr_scale,
                 "tokens": weight,
             }
-            return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+            new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, lr_scale=state.lr_scale)
+            return new_state, metrics
 
     def _eval_step_impl(self, params, batch):
         with parallel.axis_rules(self.rules):
