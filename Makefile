@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv demo test lint clean-demo
+.PHONY: venv venv-tpu demo test lint clean-demo
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -16,6 +16,15 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# The optional TPU extra (libtpu): TPU hosts need it to run, CPU hosts to compile ahead of time for a TPU
+# topology (`python -m m3jax.train --dry_run --topology=v5p:4x4x4`). CI installs it before `make test`.
+TPU_STAMP := $(VENV)/.installed-tpu
+$(TPU_STAMP): $(STAMP) requirements-tpu.txt
+	$(PY) -m pip install --quiet -r requirements-tpu.txt
+	@touch $(TPU_STAMP)
+
+venv-tpu: $(TPU_STAMP)
 
 demo: $(STAMP)
 	DEMO_DIR=$(DEMO_DIR) PY=$(PY) bash tools/demo.sh

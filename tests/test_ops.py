@@ -148,3 +148,18 @@ def test_preemption_of_one_process_saves_the_same_step_on_both(lm_data, tmp_path
     want = loop.train(straight, str(tmp_path / "straight"))["losses"]
     assert sorted(got) == list(range(1, step + 4))
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-5)
+
+
+def test_sigterm_to_a_single_process_saves_and_resumes_exactly(lm_data, tmp_path):
+    def hook(step, batch):
+        if step == 3:  # the notice arrives while step 3 is being prepared: step 3 is the one saved
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    first = loop.train(lm_config(lm_data, num_steps=6), str(tmp_path / "run"), batch_hook=hook)
+    assert first["preempted_at"] == 3 and first["end_step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop's handler is gone again
+    resumed = loop.train(lm_config(lm_data, num_steps=6), str(tmp_path / "run"))
+    straight = loop.train(lm_config(lm_data, num_steps=6), str(tmp_path / "straight"))
+    assert resumed["start_step"] == 3
+    assert [resumed["losses"][s] for s in (4, 5, 6)] == [straight["losses"][s] for s in (4, 5, 6)]
