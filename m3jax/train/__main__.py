@@ -1,4 +1,9 @@
-"""`python -m m3jax.train --config=configs/warmup.py --workdir=DIR [--config.key=value ...] [--dry_run]`."""
+"""`python -m m3jax.train --config=configs/warmup.py --workdir=DIR [--config.key=value ...] [--dry_run]`.
+
+`--dry_run --topology=v5p:4x4x4` also compiles the train step ahead of time for that TPU topology (needs libtpu:
+`pip install -r requirements-tpu.txt`) and checks that it fits in HBM; the exit status says whether it does (see
+`m3jax.train.aot.dry_run`).
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,23 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from m3jax.config import validate
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the model abstractly and print its size; no training.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "With --dry_run: compile the train step ahead of time for this TPU topology (e.g. v5p:4x4x4, "
+    "v5e:4x4) and check that it fits in HBM (needs libtpu).")
 
 
 def main(argv):
     del argv
-    from m3jax.train import loop  # after flag parsing, so jax picks up XLA_FLAGS set by launchers
+    from m3jax.train import aot, loop  # after flag parsing, so jax picks up XLA_FLAGS set by launchers
 
     config = _CONFIG.value
+    if _TOPOLOGY.value and not _DRY_RUN.value:
+        raise app.UsageError("--topology is for --dry_run (the ahead-of-time fit check); it does not train")
     if _DRY_RUN.value:
-        validate(config)
-        print(json.dumps(loop.describe_model(config), indent=2))
-        return
+        return aot.dry_run(config, _TOPOLOGY.value)
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required to train")
     summary = loop.train(config, _WORKDIR.value)

@@ -183,6 +183,11 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             return self._eval_step(params, batch)
 
+    def lower_train_step(self, state, batch) -> jax.stages.Lowered:
+        """The train step lowered for `state` and `batch`, arrays or ShapeDtypeStructs (ahead-of-time compiles)."""
+        with jax.set_mesh(self.mesh):
+            return self._train_step.lower(state, batch)
+
     # ----------------------------------------------------------------------------------------------- data
     def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of the global batch -> global arrays sharded over (data, fsdp)."""
