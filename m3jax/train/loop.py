@@ -74,7 +74,11 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: state saved on a preemption notice; 
 
 
 class StepProfiler:
-    """A jax.profiler trace of steps [train.profile_start, + train.profile_steps) into WORKDIR/profile."""
+    """A jax.profiler trace of steps [train.profile_start, + train.profile_steps) into WORKDIR/profile.
+
+    On a CPU host with libtpu installed, run with JAX_PLATFORMS=cpu: jax 0.10's profiler crashes there once the
+    TPU plugin has been loaded into the process.
+    """
 
     def __init__(self, train_cfg, workdir: str, process_index: int):
         self.first = int(train_cfg.profile_start)
