@@ -253,10 +253,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batch_hook=None) -
                     summary["losses"][step] = m["loss"]
                     window_t0, window_steps, data_wait = time.perf_counter(), 0, 0.0
                 if eval_batches and (step % int(config.train.eval_every) == 0 or step == stop_at):
+                    t_eval = time.perf_counter()
                     loss = _eval_loss(trainer, state.params, eval_batches)
                     writer.write(step, {"loss": loss}, prefix="eval")
                     summary["eval"][step] = loss
-                    window_t0 = time.perf_counter()
+                    window_t0 += time.perf_counter() - t_eval  # held-out time is not training time
                 if step % int(config.train.checkpoint_every) == 0 or step == stop_at:
                     save(step)
             # Every process asks at every iteration (rescues included), as JAX's preemption sync requires.
