@@ -59,6 +59,18 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = "none"  # none | full | dots
     m.scan_layers = True
 
+    # Explicit memory (Memory3). Off: the plain model (the warm-up stage). See docs/memory.md.
+    c.memory = ml_collections.ConfigDict()
+    mem = c.memory
+    mem.enabled = False
+    mem.layers = "first_half"  # 'first_half' | 'all' | comma-separated layer indices
+    mem.kv_heads = "all"  # 'all' | comma-separated KV-head indices: the memory heads, shared by all memory layers
+    mem.ref_len = 128  # tokens of a reference after the sink
+    mem.k = 8  # tokens kept per memory per memory KV head
+    mem.chunk_size = 64  # tokens per memory group
+    mem.per_chunk = 5  # memories (slots) per group
+    mem.sink_text = "Reference:"  # the sink is <s> followed by this text, tokenized
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = the devices the other axes leave
     c.mesh.fsdp = 1
@@ -158,6 +170,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _check(m.rope_base > 1.0, "model.rope_base", f"must be > 1, got {m.rope_base}")
     _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
     _check(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}, got {m.remat!r}")
+
+    mem = c.memory
+    for key in ("ref_len", "k", "chunk_size", "per_chunk"):
+        _check(int(mem[key]) > 0, f"memory.{key}", f"must be positive, got {mem[key]}")
+    _check(mem.k <= mem.ref_len, "memory.k", f"{mem.k} tokens kept of a {mem.ref_len}-token reference")
+    if mem.enabled:
+        from m3jax.model.config import resolve_memory_kv_heads, resolve_memory_layers
+
+        for resolve, spec, count in ((resolve_memory_layers, mem.layers, m.num_layers),
+                                     (resolve_memory_kv_heads, mem.kv_heads, m.num_kv_heads)):
+            try:
+                resolve(spec, count)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
     t = c.train
     _check(t.num_steps > 0, "train.num_steps", f"must be positive, got {t.num_steps}")

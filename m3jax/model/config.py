@@ -23,11 +23,27 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
+    # Memory heads (empty = the plain model): the memory layers, in order (Memory.keys[j] is for layer
+    # memory_layers[j]); the KV heads that are memory heads, shared by every memory layer; the longest span of
+    # positions one memory group's tokens may cover (Memory3's chunk size).
+    memory_layers: tuple[int, ...] = ()
+    memory_kv_heads: tuple[int, ...] = ()
+    memory_chunk_size: int = 64
 
     @classmethod
-    def from_config(cls, model_cfg) -> ModelConfig:
+    def from_config(cls, model_cfg, memory_cfg=None) -> ModelConfig:
+        """From `config.model`, plus `config.memory` when given and enabled."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in model_cfg.items() if k in fields})
+        kwargs = {k: v for k, v in model_cfg.items() if k in fields}
+        if memory_cfg is not None and memory_cfg.enabled:
+            kwargs.update(memory_layers=resolve_memory_layers(memory_cfg.layers, model_cfg.num_layers),
+                          memory_kv_heads=resolve_memory_kv_heads(memory_cfg.kv_heads, model_cfg.num_kv_heads),
+                          memory_chunk_size=int(memory_cfg.chunk_size))
+        return cls(**kwargs)
+
+    @property
+    def has_memory(self) -> bool:
+        return bool(self.memory_layers)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -66,3 +82,31 @@ class ModelConfig:
             "matmul": layers + d + head,
             "total": embed + layers + head + d,
         }
+
+
+def _index_list(spec, count: int, key: str, what: str) -> tuple[int, ...]:
+    if isinstance(spec, str):
+        if spec == "all":
+            return tuple(range(count))
+        if spec == "first_half":
+            return tuple(range(max(1, count // 2)))
+        try:
+            items = [int(x) for x in spec.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise ValueError(f"config.{key}={spec!r}: expected 'all', 'first_half' or comma-separated "
+                             f"{what} indices") from None
+    else:
+        items = [int(x) for x in spec]
+    if not items or sorted(set(items)) != items or items[0] < 0 or items[-1] >= count:
+        raise ValueError(f"config.{key}={spec!r}: {what} indices must be distinct, increasing and in [0, {count})")
+    return tuple(items)
+
+
+def resolve_memory_layers(spec, num_layers: int) -> tuple[int, ...]:
+    """'first_half' (the default: layers 0 … L/2−1), 'all', or '0,2,5' -> layer indices."""
+    return _index_list(spec, num_layers, "memory.layers", "layer")
+
+
+def resolve_memory_kv_heads(spec, num_kv_heads: int) -> tuple[int, ...]:
+    """'all' (the default) or '0,3' -> the KV heads that are memory heads (shared by every memory layer)."""
+    return _index_list(spec, num_kv_heads, "memory.kv_heads", "KV-head")

@@ -8,7 +8,8 @@ The N blocks are stored *stacked*: every block parameter has a leading `layers` 
 
 Inputs are explicit: `tokens`, `positions` (RoPE positions, supplied by the caller so that packed documents,
 decoding and Memory3's position layout are the caller's choice) and `segment_ids` (packed documents never
-attend across a boundary; 0 = padding). Later stages add memory inputs beside these.
+attend across a boundary; 0 = padding). Memory3's explicit memory adds `memory_group` and a `Memory` (see
+m3jax/model/memory.py and docs/memory.md); without them the model is the plain model.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flax import nnx
 
 from m3jax.model import attention as attn_lib
 from m3jax.model.config import ModelConfig
+from m3jax.model.memory import SINK_SEGMENT, KVCache, Memory, group_memories
 from m3jax.parallel import shard_activation
 
 BATCH, SEQ, EMBED = "batch", "seq", "act_embed"
@@ -73,8 +75,46 @@ class Block(nnx.Module):
         self.w_up = _param(rngs, (n, d, f), ("layers", "embed", "mlp"), std)
         self.w_down = _param(rngs, (n, f, d), ("layers", "mlp", "embed"), out_std)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: [batch, seq, hidden]; cos/sin: [batch, seq, head_dim]; mask: [batch, seq, seq], causal."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, mem: dict | None = None,
+                 *, collect_kv: bool = False):
+        """x: [batch, seq, hidden]; cos/sin: [batch, seq, head_dim]; mask: [batch, seq, seq], causal.
+
+        mem (memory layers): this layer's memory — keys/values [b, M, mkv, kk, d], index [b, G, S], valid
+        [b, M, kk], group [b, seq], enabled (scalar bool). Returns x, or (x, (k, v)) with `collect_kv` (this
+        layer's post-RoPE keys and values [b, seq, kv, d], for a decoding cache).
+        """
+        cfg = self.cfg
+        q, k, v = self._qkv(x, cos, sin)
+        if mem is None:
+            o = attn_lib.dot_product_attention(q, k, v, mask, causal=True)
+        else:
+            o = attn_lib.attention_with_memory(
+                q, k, v, mask, mem["keys"], mem["values"], mem["index"], mem["valid"], mem["group"],
+                cfg.memory_kv_heads, chunk_size=cfg.memory_chunk_size, causal=True, enabled=mem["enabled"])
+        x = self._out_and_mlp(x, o)
+        return (x, (k, v)) if collect_kv else x
+
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+               index: jax.Array, visible: jax.Array, mem: dict | None):
+        """One new token per row: x [b, 1, hidden]; cache_k/v [b, max_len, kv, d]; the new key/value are
+        written at `index`; visible [b, 1, max_len]. mem: keys/values [b, S, mkv, kk, d], valid [b, S, kk],
+        enabled. Returns (x, cache_k, cache_v)."""
+        cfg = self.cfg
+        q, k, v = self._qkv(x, cos, sin)
+        cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
+        cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+        if mem is None:
+            o = attn_lib.dot_product_attention(q, cache_k, cache_v, visible)
+        else:
+            b, slots = mem["valid"].shape[:2]
+            o = attn_lib.attention_with_memory(
+                q, cache_k, cache_v, visible, mem["keys"], mem["values"],
+                jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, 1, slots)), mem["valid"],
+                jnp.zeros((b, 1), jnp.int32), cfg.memory_kv_heads, chunk_size=1, causal=False,
+                enabled=mem["enabled"])
+        return self._out_and_mlp(x, o), cache_k, cache_v
+
+    def _qkv(self, x, cos, sin):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         h = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
         q = dense(h, self.wq[...].astype(dt))
@@ -83,9 +123,11 @@ class Block(nnx.Module):
         q = shard_activation(attn_lib.apply_rope(q, cos, sin), (BATCH, SEQ, "heads", "head_dim"))
         k = shard_activation(attn_lib.apply_rope(k, cos, sin), (BATCH, SEQ, "kv_heads", "head_dim"))
         v = shard_activation(v, (BATCH, SEQ, "kv_heads", "head_dim"))
-        o = attn_lib.dot_product_attention(q, k, v, mask, causal=True)
-        x = x + shard_activation(dense(o, self.wo[...].astype(dt), num_in_axes=2), (BATCH, SEQ, EMBED))
+        return q, k, v
 
+    def _out_and_mlp(self, x, o):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        x = x + shard_activation(dense(o, self.wo[...].astype(dt), num_in_axes=2), (BATCH, SEQ, EMBED))
         h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
         gate = dense(h, self.w_gate[...].astype(dt))
         up = dense(h, self.w_up[...].astype(dt))
@@ -108,18 +150,111 @@ class Transformer(nnx.Module):
         self.final_norm = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("norm",))
         self.lm_head = _param(rngs, (d, vp), ("embed", "vocab"), cfg.init_std)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 memory_group: jax.Array | None = None, memory: Memory | None = None) -> jax.Array:
         """tokens, positions, segment_ids: [batch, seq] int32 -> logits [batch, seq, padded_vocab] float32.
 
-        Logits of the padding rows of the vocabulary (ids >= vocab_size) are set to a large negative value, so
-        they take no probability in the loss or in sampling.
+        With `memory` (see m3jax/model/memory.py for shapes and the position layout) the sink is prepended at
+        positions [0, p), every token sees it, and memory heads of memory layers read the memories of the token's
+        `memory_group` ([batch, seq] int32, -1 = none) in the same softmax as the context. Without it, the plain
+        model. Logits of the padding rows of the vocabulary (ids >= vocab_size) are set to a large negative
+        value, so they take no probability in the loss or in sampling.
         """
+        if memory is None:
+            x = self._forward(tokens, positions, attn_lib.attention_mask(segment_ids, segment_ids))
+            return self._logits(x)
+        x, _ = self._forward_with_memory(tokens, positions, segment_ids, memory_group, memory)
+        return self._logits(x[:, memory.sink_len:])
+
+    def prefill(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, memory_group: jax.Array,
+                memory: Memory, max_len: int) -> tuple[jax.Array, KVCache]:
+        """The forward pass of a prompt with memory, and the decoding cache it leaves: (logits, cache).
+
+        The cache holds the sink and the prompt (`length` = p + seq) and, as decoding's memories, the slots of
+        the group of each row's last prompt token (Memory3: the first decoded chunk inherits them).
+        """
+        b, t = tokens.shape
+        p = memory.sink_len
+        if p + t > max_len:
+            raise ValueError(f"max_len={max_len} cannot hold the sink ({p}) and the prompt ({t})")
+        x, (ks, vs) = self._forward_with_memory(tokens, positions, segment_ids, memory_group, memory,
+                                                collect_kv=True)
+        pad = ((0, 0), (0, 0), (0, max_len - p - t), (0, 0), (0, 0))
+        seg = jnp.concatenate([jnp.full((b, p), SINK_SEGMENT, jnp.int32), segment_ids], axis=1)
+        mk, mv, mvalid = group_memories(memory, memory_group[:, -1])
+        cache = KVCache(keys=jnp.pad(ks, pad), values=jnp.pad(vs, pad),
+                        segment_ids=jnp.pad(seg, ((0, 0), (0, max_len - p - t))),
+                        length=jnp.asarray(p + t, jnp.int32), memory_keys=mk, memory_values=mv, memory_valid=mvalid)
+        return self._logits(x[:, p:]), cache
+
+    def decode_step(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One token per row (tokens, positions: [b, 1]) reading the cache and its memory slots -> (logits
+        [b, 1, padded_vocab], the cache with the token appended). The memory heads of memory layers attend to
+        the cache's S memories together with the context, in one softmax."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
+        b, max_len = cache.segment_ids.shape
+        index = cache.length
+        seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, jnp.ones((b, 1), jnp.int32), index, axis=1)
+        visible = ((jnp.arange(max_len) <= index)[None, :] & (seg != 0))[:, None, :]
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
-        x = shard_activation(x, (BATCH, SEQ, EMBED))
         cos, sin = attn_lib.rope_frequencies(positions, cfg.head_dim, cfg.rope_base)
-        mask = attn_lib.attention_mask(segment_ids, segment_ids)
-        x = self._blocks(x, cos, sin, mask)
+        graphdef, stacked = nnx.split(self.layers)
+        slot_of, is_memory = self._memory_layer_tables()
+
+        def one_layer(x, xs):
+            layer_state, layer, ck, cv = xs
+            mem = None
+            if cfg.has_memory:
+                j = slot_of[layer]
+                mem = {"keys": cache.memory_keys[j].astype(dt), "values": cache.memory_values[j].astype(dt),
+                       "valid": cache.memory_valid, "enabled": is_memory[layer]}
+            x, ck, cv = nnx.merge(graphdef, layer_state).decode(x, cos, sin, ck, cv, index, visible, mem)
+            return x, (ck, cv)
+
+        layers = jnp.arange(cfg.num_layers)
+        x, (ks, vs) = jax.lax.scan(one_layer, x, (stacked, layers, cache.keys, cache.values))
+        new_cache = cache.replace(keys=ks, values=vs, segment_ids=seg, length=index + 1)
+        return self._logits(x), new_cache
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _memory_layer_tables(self):
+        """(memory slot of each layer, whether each layer is a memory layer) as constant arrays."""
+        cfg = self.cfg
+        slot_of = [0] * cfg.num_layers
+        for j, layer in enumerate(cfg.memory_layers):
+            slot_of[layer] = j
+        is_memory = [layer in cfg.memory_layers for layer in range(cfg.num_layers)]
+        return jnp.asarray(slot_of, jnp.int32), jnp.asarray(is_memory)
+
+    def _embed(self, tokens):
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.compute_dtype)
+        return shard_activation(x, (BATCH, SEQ, EMBED))
+
+    def _forward(self, tokens, positions, mask, memory=None, memory_group=None, collect_kv=False):
+        cfg = self.cfg
+        x = self._embed(tokens)
+        cos, sin = attn_lib.rope_frequencies(positions, cfg.head_dim, cfg.rope_base)
+        return self._blocks(x, cos, sin, mask, memory, memory_group, collect_kv)
+
+    def _forward_with_memory(self, tokens, positions, segment_ids, memory_group, memory, collect_kv=False):
+        """The sink prepended at [0, p), its own segment, visible to every token; returns the blocks' output."""
+        if not self.cfg.has_memory:
+            raise ValueError("a Memory was given to a model without memory layers (config.memory.enabled=False)")
+        b, p = tokens.shape[0], memory.sink_len
+        if memory_group is None:
+            memory_group = jnp.full(tokens.shape, -1, jnp.int32)
+        tokens = jnp.concatenate([jnp.broadcast_to(memory.sink_tokens, (b, p)), tokens], axis=1)
+        positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(p, dtype=positions.dtype), (b, p)), positions], 1)
+        seg = jnp.concatenate([jnp.full((b, p), SINK_SEGMENT, segment_ids.dtype), segment_ids], axis=1)
+        group = jnp.concatenate([jnp.full((b, p), -1, jnp.int32), memory_group.astype(jnp.int32)], axis=1)
+        t = tokens.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))[None]
+        mask = attn_lib.attention_mask(seg, seg) | (causal & (seg == SINK_SEGMENT)[:, None, :])
+        out = self._forward(tokens, positions, mask, memory, group, collect_kv)
+        return out if collect_kv else (out, None)
+
+    def _logits(self, x):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
         x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
         logits = dense(x, self.lm_head[...].astype(dt), out_dtype=jnp.float32)
         logits = shard_activation(logits, (BATCH, SEQ, "vocab"))
@@ -128,17 +263,31 @@ class Transformer(nnx.Module):
         vocab_ok = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
         return jnp.where(vocab_ok, logits, attn_lib.NEG_INF)
 
-    def _blocks(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def _blocks(self, x, cos, sin, mask, memory=None, memory_group=None, collect_kv=False):
+        cfg = self.cfg
         graphdef, stacked = nnx.split(self.layers)
+        slot_of, is_memory = self._memory_layer_tables()
 
-        def one_layer(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, cos, sin, mask)
+        def one_layer(x, xs):
+            layer_state, layer = xs
+            mem = None
+            if memory is not None:
+                j = slot_of[layer]
+                mem = {"keys": memory.keys[j].astype(cfg.compute_dtype),
+                       "values": memory.values[j].astype(cfg.compute_dtype), "index": memory.index,
+                       "valid": memory.valid, "group": memory_group, "enabled": is_memory[layer]}
+            out = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, mem, collect_kv=collect_kv)
+            return out if collect_kv else (out, None)
 
-        if self.cfg.remat != "none":
-            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-        if self.cfg.scan_layers:
-            x, _ = jax.lax.scan(lambda c, s: (one_layer(c, s), None), x, stacked)
-            return x
-        for i in range(self.cfg.num_layers):
-            x = one_layer(x, jax.tree.map(lambda p, i=i: p[i], stacked))
-        return x
+        if cfg.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        layers = jnp.arange(cfg.num_layers)
+        if cfg.scan_layers:
+            x, kv = jax.lax.scan(one_layer, x, (stacked, layers))
+        else:
+            kvs = []
+            for i in range(cfg.num_layers):
+                x, kv_i = one_layer(x, (jax.tree.map(lambda p, i=i: p[i], stacked), layers[i]))
+                kvs.append(kv_i)
+            kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if collect_kv else None
+        return (x, kv) if collect_kv else x
