@@ -195,6 +195,7 @@ def memory_attention(qm: jax.Array, mem_k: jax.Array, mem_v: jax.Array, mem_inde
     O(t · S · kk) per head, never O(t · G · S · kk).
     """
     b, mkv, grp, t, d = qm.shape
+    mem_index, mem_valid, memory_group = jnp.asarray(mem_index), jnp.asarray(mem_valid), jnp.asarray(memory_group)
     num_groups, slots = mem_index.shape[1], mem_index.shape[2]
     kk = mem_k.shape[3]
     tokens, member, flat, reads = group_layout(memory_group, num_groups, chunk_size)
