@@ -21,6 +21,9 @@ from m3jax.train.step import abstract_model
     ("optimizer.schedule", "linear", "config.optimizer.schedule"),
     ("optimizer.grad_accum_steps", 3, "config.data.global_batch_size"),
     ("train.num_steps", 0, "config.train.num_steps"),
+    ("spike_guard.lr_factor", 1.5, "config.spike_guard.lr_factor"),
+    ("memory.k", 200, "config.memory.k"),
+    ("memory.chunk_size", 0, "config.memory.chunk_size"),
 ])
 def test_inconsistent_values_name_the_key(key, value, names):
     c = tiny_config()
@@ -92,3 +95,23 @@ def test_logical_rules_map_and_never_reuse_a_mesh_axis():
     assert tuple(logical_to_spec(("vocab", "mlp"), rules)) == ("tensor", None)  # tensor already used
     with pytest.raises(KeyError, match="'nope'"):
         logical_to_spec(("nope",), rules)
+
+
+@pytest.mark.parametrize("key,value", [("layers", "0,9"), ("layers", "1,0"), ("layers", "two"), ("kv_heads", "2")])
+def test_memory_layers_and_heads_are_checked(key, value):
+    c = tiny_config()  # 2 layers, 2 KV heads
+    c.memory.enabled = True
+    c.memory[key] = value
+    with pytest.raises(ConfigError, match=rf"config\.memory\.{key}={value!r}"):
+        validate(c)
+
+
+def test_memory_config_resolves_into_the_model_config():
+    c = tiny_config(num_layers=6)
+    assert ModelConfig.from_config(c.model, c.memory).memory_layers == ()  # off: the plain model
+    c.memory.enabled = True
+    cfg = ModelConfig.from_config(c.model, c.memory)
+    assert (cfg.memory_layers, cfg.memory_kv_heads, cfg.memory_chunk_size) == ((0, 1, 2), (0, 1), 64)
+    c.memory.update(layers="all", kv_heads="1")
+    cfg = ModelConfig.from_config(c.model, c.memory)
+    assert (cfg.memory_layers, cfg.memory_kv_heads) == (tuple(range(6)), (1,))
