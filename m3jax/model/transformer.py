@@ -15,6 +15,7 @@ m3jax/model/memory.py and docs/memory.md); without them the model is the plain m
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -215,6 +216,39 @@ class Transformer(nnx.Module):
         x, (ks, vs) = jax.lax.scan(one_layer, x, (stacked, layers, cache.keys, cache.values))
         new_cache = cache.replace(keys=ks, values=vs, segment_ids=seg, length=index + 1)
         return self._logits(x), new_cache
+
+    def layer_qkv(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, num_layers: int,
+                  fn: Callable | None = None):
+        """The plain model's post-RoPE queries, keys and values in its first `num_layers` layers, and nothing
+        after them: the last of those layers stops at its q/k/v projections, later layers are never read.
+
+        tokens, positions, segment_ids: [batch, seq] as in `__call__` (causal within segments, 0 = padding).
+        Returns fn(layer, q [b, seq, heads, d], k [b, seq, kv, d], v [b, seq, kv, d]) of each layer (a traced
+        int32 `layer`), stacked on a leading [num_layers] axis; `fn` defaults to (q, k, v). A reducing `fn`
+        keeps only what the caller needs of each layer (memory encoding: the top-k key/values).
+        """
+        cfg = self.cfg
+        if not 1 <= num_layers <= cfg.num_layers:
+            raise ValueError(f"num_layers={num_layers} is not in [1, {cfg.num_layers}]")
+        fn = fn or (lambda layer, q, k, v: (q, k, v))
+        x = self._embed(tokens)
+        cos, sin = attn_lib.rope_frequencies(positions, cfg.head_dim, cfg.rope_base)
+        mask = attn_lib.attention_mask(segment_ids, segment_ids)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def block(layer):  # one layer's slice of the stacked parameters (a dynamic slice: no copy of the stack)
+            return nnx.merge(graphdef, jax.tree.map(lambda p: p[layer], stacked))
+
+        def one_layer(x, layer):
+            blk = block(layer)
+            q, k, v = blk._qkv(x, cos, sin)
+            o = attn_lib.dot_product_attention(q, k, v, mask, causal=True)
+            return blk._out_and_mlp(x, o), fn(layer, q, k, v)
+
+        last = jnp.asarray(num_layers - 1, jnp.int32)
+        x, ys = jax.lax.scan(one_layer, x, jnp.arange(num_layers - 1, dtype=jnp.int32))
+        y_last = fn(last, *block(last)._qkv(x, cos, sin))
+        return jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), ys, y_last)
 
     # ------------------------------------------------------------------------------------------- internals
     def _memory_layer_tables(self):

@@ -1,0 +1,507 @@
+"""The memory bank: one sparse key/value memory per reference, in TensorStore zarr v3 arrays.
+
+The bank lives under one root: a local path, or any TensorStore kvstore URL or spec (`file://`, `gs://`,
+`memory://` for tests). The root is a zarr v3 group:
+
+    zarr.json    the group; attributes["m3jax_bank"] = the metadata below (written last: a bank exists once it is)
+    memory/      [refs, mem_layers, 2, kv_heads, k, head_dim]   the codec's codes (bfloat16; int8 for `int8`)
+    scale/       [refs, mem_layers, 2, kv_heads, k] bfloat16   `int8` only: one scale per head_dim vector
+    positions/   [refs, mem_layers, kv_heads, k] int32         in-reference positions of the kept tokens,
+                                                               in [p, p + ref_len); -1 = padding key
+    tokens/      [refs, ref_len] int32                         the reference's token ids; -1 = padding
+    written/     [refs] uint8                                  1 once the row's other arrays are durably written
+
+Chunking. Every per-reference array is cut into *shards* of `refs_per_shard` references (one file or object
+each; 64 by default: 28.8 MB for memory3_2b in bf16), and inside a shard every reference is its own chunk
+(zarr's sharding codec), so a gather of random ids reads exactly its rows (byte ranges) and nothing else, while
+a 1.1e8-reference bank needs 1.7M files per array rather than 1.1e8. Writers that run concurrently take
+disjoint shard-aligned slices (`process_range`), so no two write the same file. (Overlapping writes stay
+correct where the kvstore has conditional writes, as file and gcs do: TensorStore retries the read-modify-write
+of a shard; two processes interleaving rows of the same shards lost none here, on file.) A write of less than a
+whole shard rewrites that shard: write in shard-sized pieces.
+Nothing is compressed: KV values hardly compress, and sizes stay exactly predictable (`bytes_per_reference`).
+
+Resume. `written` is chunked per shard too. A write stores the row's arrays, waits for them to be durable, then
+sets their flags, so a row whose flag is 1 is complete; `unwritten_ranges()` lists what a restarted writer
+still has to do, and reading a row whose flag is 0 is an error naming it.
+
+Metadata (JSON in the group attributes): the architecture (the model config fields that determine the stored
+key/values, `architecture()`) and its hash, the tokenizer's sha256, the writing checkpoint {run_id, step}, the
+codec, k, ref_len, the sink tokens, num_refs, the shard size, the creation time and the m3jax version. Opening
+with another architecture, tokenizer or sink is a `BankMismatchError`; another checkpoint is one too unless
+allowed (stage 2 reads a bank written by the warm-up checkpoint), and then the age in steps is logged.
+
+Reading. `gather(ids)` returns the decoded memories of any array of ids (repeats allowed; -1 = an empty slot:
+zeros with positions -1), in the requested order. Recently used rows stay in a RAM LRU cache of `cache_rows`
+rows (in the stored form); only the missing rows are read, in one batched read per array. The cache assumes a
+written row does not change (a rewrite through the same object drops it from the cache).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import functools
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorstore as ts
+from absl import logging
+from etils import epath
+
+from m3jax.memory.codecs import Codec, get_codec, numpy_dtype
+from m3jax.model.config import ModelConfig
+
+FORMAT = 1
+METADATA_KEY = "m3jax_bank"
+DEFAULT_REFS_PER_SHARD = 64
+# Metadata fields that say what a bank holds; two banks agreeing on them are the same bank (resume checks them).
+IDENTITY_FIELDS = ("format", "num_refs", "codec", "k", "ref_len", "refs_per_shard", "architecture",
+                   "architecture_hash", "tokenizer_sha256", "checkpoint", "sink_tokens")
+
+
+class BankMismatchError(ValueError):
+    """The bank was written by another model, tokenizer or checkpoint than the reader expects."""
+
+
+# ------------------------------------------------------------------------------------------------ identity
+def architecture(model_cfg: ModelConfig, k: int, ref_len: int) -> dict[str, Any]:
+    """The model config fields that determine a memory's key/values, plus k and ref_len (JSON-ready)."""
+    if not model_cfg.memory_layers:
+        raise ValueError("architecture(): the model config has no memory layers; build it with "
+                         "ModelConfig.from_config(config.model, config.memory) and config.memory.enabled = True")
+    c = model_cfg
+    return {"num_layers": c.num_layers, "hidden_size": c.hidden_size, "num_heads": c.num_heads,
+            "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "mlp_dim": c.mlp_dim, "vocab_size": c.vocab_size,
+            "rope_base": float(c.rope_base), "norm_eps": float(c.norm_eps), "memory_layers": list(c.memory_layers),
+            "memory_kv_heads": list(c.memory_kv_heads), "k": int(k), "ref_len": int(ref_len)}
+
+
+def _hash_architecture(arch: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(dict(arch), sort_keys=True).encode()).hexdigest()
+
+
+def architecture_hash(model_cfg: ModelConfig, k: int, ref_len: int) -> str:
+    """sha256 of `architecture(...)` as canonical JSON: stable across processes and Python versions."""
+    return _hash_architecture(architecture(model_cfg, k, ref_len))
+
+
+def tokenizer_hash(path: str | os.PathLike) -> str:
+    """sha256 of a SentencePiece model file's bytes (equals `m3jax.data.tokenizer.Tokenizer(path).sha256`)."""
+    return hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()
+
+
+def row_shape(arch: Mapping[str, Any]) -> tuple[int, ...]:
+    """One memory: [mem_layers, 2, kv_heads, k, head_dim]."""
+    return (len(arch["memory_layers"]), 2, len(arch["memory_kv_heads"]), arch["k"], arch["head_dim"])
+
+
+def _row_arrays(codec: Codec, arch: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every per-reference array of a bank: name -> (per-row shape, zarr data type)."""
+    shape = row_shape(arch)
+    return {**codec.arrays(shape), "positions": ((shape[0], shape[2], shape[3]), "int32"),
+            "tokens": ((arch["ref_len"],), "int32"), "written": ((), "uint8")}
+
+
+def bytes_per_reference(codec: str | Codec, arch: Mapping[str, Any]) -> dict[str, int]:
+    """Stored bytes of one reference: per array, and "shard_index" (16 bytes per row of each sharded array)."""
+    codec = get_codec(codec) if isinstance(codec, str) else codec
+    arrays = _row_arrays(codec, arch)
+    out = {name: math.prod(shape) * numpy_dtype(dt).itemsize for name, (shape, dt) in arrays.items()}
+    out["shard_index"] = 16 * sum(1 for shape, _ in arrays.values() if shape)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ storage
+_CONTEXT: ts.Context | None = None
+
+
+def _default_context() -> ts.Context:
+    """One context per process: `memory://` banks are visible to every open of the process, and TensorStore's
+    own chunk cache stays off (cache_pool 0; the bank's LRU caches rows)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = ts.Context()
+    return _CONTEXT
+
+
+def _root(path: str | os.PathLike | Mapping | ts.KvStore.Spec) -> ts.KvStore.Spec:
+    if isinstance(path, ts.KvStore.Spec):
+        spec = ts.KvStore.Spec(path.to_json())
+    elif isinstance(path, Mapping):
+        spec = ts.KvStore.Spec(dict(path))
+    elif "://" in os.fspath(path):
+        spec = ts.KvStore.Spec(os.fspath(path))
+    else:
+        spec = ts.KvStore.Spec({"driver": "file", "path": os.path.abspath(os.fspath(path))})
+    if spec.path and not spec.path.endswith("/"):
+        spec.path += "/"
+    return spec
+
+
+def _describe(root: ts.KvStore.Spec) -> str:
+    try:
+        return root.url
+    except (ValueError, AttributeError):
+        return json.dumps(root.to_json())
+
+
+_BYTES = [{"name": "bytes", "configuration": {"endian": "little"}}]
+_FILL = {"positions": -1, "tokens": -1}
+
+
+def _array_spec(root: ts.KvStore.Spec, name: str, num_refs: int, shape: tuple[int, ...], dtype: str,
+                refs_per_shard: int) -> dict:
+    if shape:  # a shard of refs_per_shard rows, one chunk per row
+        codecs = [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": [1, *shape], "codecs": _BYTES, "index_codecs": _BYTES + [{"name": "crc32c"}],
+            "index_location": "end"}}]
+    else:
+        codecs = _BYTES
+    metadata = {"shape": [num_refs, *shape], "data_type": dtype, "codecs": codecs, "fill_value": _FILL.get(name, 0),
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [refs_per_shard, *shape]}}}
+    return {"driver": "zarr3", "kvstore": (root / f"{name}/").to_json(), "metadata": metadata}
+
+
+def _identity(meta: Mapping[str, Any]) -> dict[str, Any]:
+    return {f: meta.get(f) for f in IDENTITY_FIELDS}
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+class _RowCache:
+    """An LRU of rows in preallocated slabs (one per array): `capacity` rows, bounded memory, no per-row objects."""
+
+    def __init__(self, capacity: int, arrays: Mapping[str, tuple[tuple[int, ...], np.dtype]]):
+        self.capacity = capacity
+        self.slabs = {name: np.empty((capacity, *shape), dtype) for name, (shape, dtype) in arrays.items()}
+        self.slots: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self.free = list(range(capacity))
+        self.hits = self.misses = 0
+        self.lock = threading.Lock()
+
+    def take(self, ids: np.ndarray, out: Mapping[str, np.ndarray], dest: np.ndarray) -> np.ndarray:
+        """Copies the cached rows of distinct `ids` to out[name][dest[j]]; returns the mask of misses."""
+        with self.lock:
+            slots = np.array([self.slots.get(int(i), -1) for i in ids], np.int64)
+            hit = slots >= 0
+            for i in ids[hit]:
+                self.slots.move_to_end(int(i))
+            for name, slab in self.slabs.items():
+                target = out[name]
+                for d, slot in zip(dest[hit], slots[hit], strict=True):  # row by row: one copy, no temporary
+                    target[d] = slab[slot]
+            self.hits += int(hit.sum())
+            self.misses += int((~hit).sum())
+        return ~hit
+
+    def put(self, ids: np.ndarray, rows: Mapping[str, np.ndarray]) -> None:
+        """Caches rows[name][j] for distinct `ids` not cached yet (the last `capacity` of them)."""
+        if not self.capacity:
+            return
+        ids, rows = ids[-self.capacity:], {name: r[-self.capacity:] for name, r in rows.items()}
+        with self.lock:
+            slots = []
+            for i in ids:
+                if int(i) in self.slots:  # another thread cached it meanwhile
+                    slots.append(self.slots[int(i)])
+                    self.slots.move_to_end(int(i))
+                    continue
+                if not self.free:
+                    _, slot = self.slots.popitem(last=False)
+                    self.free.append(slot)
+                slot = self.free.pop()
+                self.slots[int(i)] = slot
+                slots.append(slot)
+            for name, slab in self.slabs.items():
+                slab[slots] = rows[name]
+
+    def drop(self, start: int, stop: int) -> None:
+        with self.lock:
+            for i in [i for i in self.slots if start <= i < stop]:
+                self.free.append(self.slots.pop(i))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _decode(codes: dict, codec: Codec, dtype) -> jax.Array:
+    return codec.decode(codes, dtype)
+
+
+# ------------------------------------------------------------------------------------------------ the bank
+class MemoryBank:
+    """A memory bank on TensorStore; make one with `MemoryBank.create` or `MemoryBank.open`."""
+
+    def __init__(self, root: ts.KvStore.Spec, metadata: dict[str, Any], arrays: dict[str, ts.TensorStore],
+                 cache_rows: int):
+        self.path = _describe(root)
+        self.metadata = metadata
+        self.codec = get_codec(metadata["codec"])
+        self._arrays = arrays
+        self._gathered = [*self.codec.arrays(self.row_shape), "positions"]  # the arrays a gather reads
+        self._cache = _RowCache(cache_rows, {n: (arrays[n].shape[1:], arrays[n].dtype.numpy_dtype)
+                                             for n in self._gathered})
+
+    # ---------------------------------------------------------------- create / open
+    @classmethod
+    def create(cls, path, *, num_refs: int, architecture: Mapping[str, Any], tokenizer_sha256: str,
+               checkpoint: Mapping[str, Any], sink_tokens: Sequence[int], codec: str = "bf16",
+               refs_per_shard: int = DEFAULT_REFS_PER_SHARD, exist_ok: bool = False, cache_rows: int = 0,
+               context: ts.Context | None = None) -> MemoryBank:
+        """A new bank of `num_refs` unwritten rows, shaped by `architecture` (from `architecture()`).
+
+        checkpoint: {"run_id": str, "step": int}, the parameters that write it. With `exist_ok`, an existing
+        bank with the same identity (every field but the creation time and version) is opened instead: a
+        restarted writer resumes, and every process of a multi-process writer may call this at once. An existing
+        bank that differs is a BankMismatchError.
+        """
+        codec_ = get_codec(codec)
+        if num_refs <= 0 or refs_per_shard <= 0:
+            raise ValueError(f"num_refs={num_refs} and refs_per_shard={refs_per_shard} must be positive")
+        if set(checkpoint) != {"run_id", "step"}:
+            raise ValueError(f"checkpoint must be {{'run_id': str, 'step': int}}, got {dict(checkpoint)}")
+        meta = {
+            "format": FORMAT, "num_refs": int(num_refs), "codec": codec_.name, "k": int(architecture["k"]),
+            "ref_len": int(architecture["ref_len"]), "refs_per_shard": int(refs_per_shard),
+            "architecture": dict(architecture), "architecture_hash": _hash_architecture(architecture),
+            "tokenizer_sha256": str(tokenizer_sha256),
+            "checkpoint": {"run_id": str(checkpoint["run_id"]), "step": int(checkpoint["step"])},
+            "sink_tokens": [int(t) for t in sink_tokens],
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "m3jax_version": _version(),
+        }
+        context = context or _default_context()
+        root = _root(path)
+        store = ts.KvStore.open(root, context=context).result()
+        found = store.read("zarr.json").result()
+        if found.state == "value":
+            if not exist_ok:
+                raise FileExistsError(f"a memory bank exists at {_describe(root)} (exist_ok=True resumes it)")
+            return cls._reopen_same(root, meta, context, cache_rows)
+        specs = {name: _array_spec(root, name, num_refs, shape, dtype, refs_per_shard)
+                 for name, (shape, dtype) in _row_arrays(codec_, architecture).items()}
+        futures = {name: ts.open(spec, create=True, open=True, context=context) for name, spec in specs.items()}
+        arrays = {name: f.result() for name, f in futures.items()}
+        group = {"zarr_format": 3, "node_type": "group", "attributes": {METADATA_KEY: meta}}
+        written = store.write("zarr.json", json.dumps(group, indent=1), if_equal=found.stamp.generation).result()
+        if not written.generation:  # another process created it first
+            return cls._reopen_same(root, meta, context, cache_rows)
+        return cls(root, meta, arrays, cache_rows)
+
+    @classmethod
+    def _reopen_same(cls, root, meta, context, cache_rows) -> MemoryBank:
+        bank = cls._open(root, context, cache_rows)
+        theirs, ours = _identity(bank.metadata), _identity(meta)
+        diffs = [f"{k}: bank {theirs[k]!r}, requested {ours[k]!r}" for k in IDENTITY_FIELDS if theirs[k] != ours[k]]
+        if diffs:
+            raise BankMismatchError(f"memory bank {bank.path} exists and differs from the one requested: "
+                                    + "; ".join(diffs))
+        return bank
+
+    @classmethod
+    def read_metadata(cls, path, *, context: ts.Context | None = None) -> dict[str, Any]:
+        """The bank's metadata, checking nothing (for tools that inspect banks)."""
+        root = _root(path)
+        found = ts.KvStore.open(root, context=context or _default_context()).result().read("zarr.json").result()
+        if found.state != "value":
+            raise FileNotFoundError(f"no memory bank at {_describe(root)} (no zarr.json)")
+        meta = json.loads(found.value).get("attributes", {}).get(METADATA_KEY)
+        if meta is None or meta.get("format") != FORMAT:
+            raise ValueError(f"{_describe(root)} is not an m3jax memory bank of format {FORMAT}")
+        return meta
+
+    @classmethod
+    def _open(cls, root, context, cache_rows) -> MemoryBank:
+        meta = cls.read_metadata(root, context=context)
+        names = _row_arrays(get_codec(meta["codec"]), meta["architecture"])
+        futures = {name: ts.open({"driver": "zarr3", "kvstore": (root / f"{name}/").to_json()}, open=True,
+                                 context=context) for name in names}
+        return cls(root, meta, {name: f.result() for name, f in futures.items()}, cache_rows)
+
+    @classmethod
+    def open(cls, path, *, expect_architecture: Mapping[str, Any], expect_tokenizer: str,
+             expect_checkpoint: Mapping[str, Any] | None = None, allow_other_checkpoint: bool = False,
+             expect_sink_tokens: Sequence[int] | None = None, cache_rows: int = 1024,
+             context: ts.Context | None = None) -> MemoryBank:
+        """Opens a bank for reading, refusing one that another model wrote.
+
+        expect_architecture: `architecture(model_cfg, k, ref_len)` of the reader; expect_tokenizer: its sha256.
+        A different architecture, tokenizer or (when given) sink is a BankMismatchError naming the bank, the
+        field and both values. A different checkpoint (when given) is too, unless `allow_other_checkpoint`:
+        then the bank's age in steps is logged; `expect_checkpoint=None` checks no checkpoint (a tool that has
+        none). cache_rows: rows of the RAM LRU cache (0 = none).
+        """
+        bank = cls._open(_root(path), context or _default_context(), cache_rows)
+        meta = bank.metadata
+
+        def mismatch(field, theirs, ours, why=""):
+            raise BankMismatchError(f"memory bank {bank.path}: {field}: bank {theirs!r}, expected {ours!r}{why}")
+
+        if meta["architecture_hash"] != _hash_architecture(expect_architecture):
+            theirs = meta["architecture"]
+            for key in sorted(set(theirs) | set(expect_architecture)):
+                if theirs.get(key) != expect_architecture.get(key):
+                    mismatch(f"architecture.{key}", theirs.get(key), expect_architecture.get(key),
+                             " (the bank was written by another model architecture)")
+            mismatch("architecture_hash", meta["architecture_hash"], _hash_architecture(expect_architecture))
+        if meta["tokenizer_sha256"] != expect_tokenizer:
+            mismatch("tokenizer_sha256", meta["tokenizer_sha256"], expect_tokenizer,
+                     " (the bank was written with another tokenizer)")
+        if expect_sink_tokens is not None and meta["sink_tokens"] != [int(t) for t in expect_sink_tokens]:
+            mismatch("sink_tokens", meta["sink_tokens"], [int(t) for t in expect_sink_tokens])
+        if expect_checkpoint is not None:
+            theirs, ours = meta["checkpoint"], {"run_id": str(expect_checkpoint["run_id"]),
+                                                "step": int(expect_checkpoint["step"])}
+            if theirs != ours:
+                if not allow_other_checkpoint:
+                    mismatch("checkpoint", theirs, ours, " (allow_other_checkpoint=True reads it anyway)")
+                age = (f"{ours['step'] - theirs['step']} steps older than the reader's parameters"
+                       if theirs["run_id"] == ours["run_id"] else f"from another run ({theirs['run_id']!r})")
+                logging.warning("memory bank %s was written by checkpoint %s step %d: %s", bank.path,
+                                theirs["run_id"], theirs["step"], age)
+        return bank
+
+    # ---------------------------------------------------------------- shape
+    @property
+    def num_refs(self) -> int:
+        return self.metadata["num_refs"]
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """One memory: [mem_layers, 2, kv_heads, k, head_dim]."""
+        return row_shape(self.metadata["architecture"])
+
+    @property
+    def refs_per_shard(self) -> int:
+        return self.metadata["refs_per_shard"]
+
+    # ---------------------------------------------------------------- writing
+    def process_range(self, process_index: int, process_count: int) -> tuple[int, int]:
+        """The [start, stop) of refs that writer `process_index` of `process_count` owns: whole shards."""
+        shards = -(-self.num_refs // self.refs_per_shard)
+        lo, hi = (process_index * shards // process_count, (process_index + 1) * shards // process_count)
+        return min(lo * self.refs_per_shard, self.num_refs), min(hi * self.refs_per_shard, self.num_refs)
+
+    def write(self, start: int, kv, positions, tokens) -> None:
+        """Stores refs [start, start + n) and marks them written once durable.
+
+        kv: [n, mem_layers, 2, kv_heads, k, head_dim] float (numpy or jax; encoded by the codec);
+        positions: [n, mem_layers, kv_heads, k] int; tokens: [n, ≤ ref_len] int, −1-padded to ref_len here.
+        """
+        n = kv.shape[0]
+        stop = start + n
+        if not 0 <= start <= stop <= self.num_refs:
+            raise IndexError(f"memory bank {self.path}: write of refs [{start}, {stop}) outside [0, {self.num_refs})")
+        expect = {"kv": (n, *self.row_shape), "positions": (n, *self._arrays["positions"].shape[1:])}
+        got = {"kv": tuple(kv.shape), "positions": tuple(np.shape(positions))}
+        for name in expect:
+            if got[name] != expect[name]:
+                raise ValueError(f"memory bank {self.path}: {name} has shape {got[name]}, expected {expect[name]}")
+        tokens = np.asarray(tokens)
+        ref_len = self.metadata["ref_len"]
+        if tokens.ndim != 2 or tokens.shape[0] != n or tokens.shape[1] > ref_len:
+            raise ValueError(f"memory bank {self.path}: tokens has shape {tokens.shape}, expected ({n}, ≤{ref_len})")
+        if not bool(jnp.isfinite(kv).all() if isinstance(kv, jax.Array) else np.isfinite(kv).all()):
+            raise ValueError(f"memory bank {self.path}: refs [{start}, {stop}) have non-finite key/values")
+        rows = {name: np.asarray(x) for name, x in self.codec.encode(kv).items()}
+        rows["positions"] = np.asarray(positions, np.int32)
+        rows["tokens"] = np.pad(tokens.astype(np.int32), ((0, 0), (0, ref_len - tokens.shape[1])),
+                                constant_values=-1)
+        self._cache.drop(start, stop)
+        futures = [self._arrays[name][start:stop].write(x) for name, x in rows.items()]
+        for f in futures:
+            f.result()
+        self._arrays["written"][start:stop].write(np.ones(n, np.uint8)).result()
+
+    def unwritten_ranges(self, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
+        """The maximal [a, b) runs of unwritten refs within [start, stop) (default: the whole bank)."""
+        stop = self.num_refs if stop is None else stop
+        flags = self._arrays["written"][start:stop].read().result() != 0
+        edges = np.flatnonzero(np.diff(np.concatenate([[True], flags, [True]]).astype(np.int8)))
+        return [(start + int(a), start + int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+    # ---------------------------------------------------------------- reading
+    def _check_ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"memory bank ids must be integers, got {ids.dtype}")
+        bad = ids[(ids < -1) | (ids >= self.num_refs)]
+        if bad.size:
+            raise IndexError(f"memory bank {self.path}: reference id {int(bad[0])} outside [0, {self.num_refs}) "
+                             "(-1 = an empty slot)")
+        return ids
+
+    def gather_codes(self, ids) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The stored form of the memories `ids` (any shape; -1 = empty): ({name: [*ids.shape, ...]}, positions).
+
+        An empty slot has zero codes (decoding to zeros) and positions -1. A row that is not written is an error.
+        """
+        ids = self._check_ids(ids)
+        flat = ids.reshape(-1)
+        valid = np.flatnonzero(flat >= 0)
+        uniq, first, inverse = np.unique(flat[valid], return_index=True, return_inverse=True)
+        first = valid[first]  # the slot where each distinct id first appears: every row is copied there once
+        out = {name: np.empty((flat.size, *self._arrays[name].shape[1:]), self._arrays[name].dtype.numpy_dtype)
+               for name in self._gathered}
+        miss = self._cache.take(uniq, out, first)
+        missing = uniq[miss]
+        if missing.size:
+            futures = {name: self._arrays[name][missing].read() for name in self._gathered}
+            written = self._arrays["written"][missing].read().result()
+            if not written.all():
+                raise ValueError(f"memory bank {self.path}: reference {int(missing[np.argmin(written)])} is not "
+                                 f"written ({int((written == 0).sum())} of the {missing.size} rows read are not)")
+            fetched = {name: f.result() for name, f in futures.items()}
+            for name, x in fetched.items():
+                out[name][first[miss]] = x
+            self._cache.put(missing, fetched)
+        source = first[inverse]
+        repeat = source != valid
+        empty = np.ones(flat.size, bool)
+        empty[valid] = False
+        for name, x in out.items():
+            x[valid[repeat]] = x[source[repeat]]
+            x[empty] = _FILL.get(name, 0)
+        out = {name: x.reshape(*ids.shape, *x.shape[1:]) for name, x in out.items()}
+        positions = out.pop("positions")
+        return out, positions
+
+    def gather(self, ids, dtype=jnp.bfloat16) -> tuple[jax.Array, np.ndarray]:
+        """The memories `ids` (any shape; -1 = empty), decoded on the default device.
+
+        Returns kv [*ids.shape, mem_layers, 2, kv_heads, k, head_dim] in `dtype` and positions
+        [*ids.shape, mem_layers, kv_heads, k] int32 (-1 = padding key or empty slot).
+        """
+        codes, positions = self.gather_codes(ids)
+        return _decode(codes, self.codec, jnp.dtype(dtype)), positions
+
+    def read_tokens(self, ids) -> np.ndarray:
+        """The token ids of references `ids` (any shape): [*ids.shape, ref_len] int32, -1 padded.
+
+        -1 ids and unwritten rows read as all -1.
+        """
+        ids = self._check_ids(ids)
+        flat = ids.reshape(-1)
+        out = np.full((flat.size, self.metadata["ref_len"]), -1, np.int32)
+        if (flat >= 0).any():
+            out[flat >= 0] = self._arrays["tokens"][flat[flat >= 0]].read().result()
+        return out.reshape(*ids.shape, -1)
+
+    def cache_info(self) -> dict[str, int]:
+        """LRU counters: a hit or miss is counted per distinct id of a gather."""
+        c = self._cache
+        return {"hits": c.hits, "misses": c.misses, "rows": len(c.slots), "capacity": c.capacity}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("m3jax")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,149 @@
+"""What explicit memory costs for a config: bytes per memory and per bank (per codec), FLOPs to write and read.
+
+    python tools/memory_budget.py --config=configs/memory3_2b.py --num_refs=110000000 [--json]
+        [--processes=16 --global_batch=... --seq=... --memories_per_chunk=1 --sink_len=0]
+
+The memory layers, memory heads, k, ref_len and chunk size come from `config.memory` (whether or not it is
+enabled: the warm-up config is the one that writes a bank). Printed:
+- bytes per memory (the paper's figure: 450,560 for memory3_2b in bf16) and the whole bank: memories only, and on
+  disk with positions, tokens, written flags and shard indexes (`m3jax.memory.bank.bytes_per_reference`);
+- FLOPs to write one reference: the forward of its `ref_len` tokens (+ `--sink_len`) through the layers up to the
+  last memory layer, which stops at its q/k/v projections, with causal attention (QKᵀ and AV, half the T² term),
+  plus the top-k scoring QKᵀ of the memory heads without a mask (the paper: ≈ 0.308 TFLOPs for the 2.4B model);
+- FLOPs to read one memory: QKᵀ and AV of each memory head's query heads over its k keys, per context token and
+  per use (one chunk of `chunk_size` tokens; the paper: 1.44e-4 TFLOPs), beside RAG's cost of putting the same
+  reference in the context (2·N·ref_len, the paper: ≥ 0.624 TFLOPs);
+- the memory bytes one training step moves to each host: (global batch / processes) sequences × chunks per
+  sequence × unique memories per chunk (1 in the paper's layout: a chunk reads its own reference and the previous
+  4 chunks'), with their positions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from m3jax.memory.bank import architecture, bytes_per_reference, row_shape  # noqa: E402
+from m3jax.memory.codecs import CODECS  # noqa: E402
+from m3jax.model.config import ModelConfig  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+_NUM_REFS = flags.DEFINE_integer("num_refs", None, "references in the bank")
+_CODECS = flags.DEFINE_list("codecs", list(CODECS), "codecs to compare")
+_GLOBAL_BATCH = flags.DEFINE_integer("global_batch", None, "sequences per step (default: config.data)")
+_SEQ = flags.DEFINE_integer("seq", None, "tokens per sequence (default: config.data.seq_len)")
+_PROCESSES = flags.DEFINE_integer("processes", 1, "hosts (JAX processes) sharing the batch")
+_MEMORIES_PER_CHUNK = flags.DEFINE_float(
+    "memories_per_chunk", 1.0, "unique memories per chunk a step moves (1 = the paper's training layout)")
+_SINK_LEN = flags.DEFINE_integer("sink_len", 0, "sink tokens encoded with every reference (the paper counts 0)")
+_JSON = flags.DEFINE_bool("json", False, "print JSON instead of a table")
+
+
+def write_flops_per_reference(cfg: ModelConfig, ref_len: int, sink_len: int = 0) -> float:
+    """Forward of one reference through the layers up to the last memory layer (which stops at q/k/v), with
+    causal attention, plus the unmasked top-k scoring QKᵀ of every memory layer's memory heads."""
+    d, h, kv, hd, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    t = ref_len + sink_len
+    full_layers = cfg.memory_layers[-1]
+    per_layer = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f
+    qkv = d * h * hd + 2 * d * kv * hd
+    matmuls = 2 * t * (full_layers * per_layer + qkv)
+    attention = full_layers * 2 * t * t * h * hd  # QKᵀ + AV = 4·T²·H·d, halved by the causal mask
+    memory_q_heads = len(cfg.memory_kv_heads) * cfg.num_groups
+    scoring = len(cfg.memory_layers) * 2 * ref_len * ref_len * memory_q_heads * hd
+    return float(matmuls + attention + scoring)
+
+
+def read_flops_per_token(cfg: ModelConfig, k: int) -> float:
+    """One context token reading one memory: QKᵀ and AV over its k keys, in every memory head of every memory
+    layer (the query heads of the memory KV heads)."""
+    memory_q_heads = len(cfg.memory_kv_heads) * cfg.num_groups
+    return float(len(cfg.memory_layers) * memory_q_heads * 4 * k * cfg.head_dim)
+
+
+def budget(config, num_refs: int, codecs, *, global_batch: int, seq: int, processes: int,
+           memories_per_chunk: float, sink_len: int) -> dict:
+    mem = config.memory.copy_and_resolve_references()
+    mem.enabled = True
+    cfg = ModelConfig.from_config(config.model, mem)
+    arch = architecture(cfg, mem.k, mem.ref_len)
+    chunks = math.ceil(seq / mem.chunk_size)
+    memories_per_host = global_batch / processes * chunks * memories_per_chunk
+    per_codec = {}
+    for name in codecs:
+        per_ref = bytes_per_reference(name, arch)
+        memory = per_ref["memory"] + per_ref.get("scale", 0)
+        per_codec[name] = {
+            "bytes_per_memory": memory,
+            "bank_memory_bytes": memory * num_refs,
+            "bank_bytes_on_disk": sum(per_ref.values()) * num_refs,
+            "step_bytes_per_host": memories_per_host * (memory + per_ref["positions"]),
+        }
+    read_token = read_flops_per_token(cfg, mem.k)
+    return {
+        "config": {"memory_layers": list(cfg.memory_layers), "memory_kv_heads": list(cfg.memory_kv_heads),
+                   "row_shape": list(row_shape(arch)), "k": mem.k, "ref_len": mem.ref_len,
+                   "chunk_size": mem.chunk_size, "num_refs": num_refs},
+        "codecs": per_codec,
+        "flops": {
+            "write_per_reference": write_flops_per_reference(cfg, mem.ref_len, sink_len),
+            "read_per_token_per_memory": read_token,
+            "read_per_use": read_token * mem.chunk_size,
+            "rag_per_reference": 2.0 * cfg.param_counts()["non_embedding"] * mem.ref_len,
+        },
+        "step": {"global_batch": global_batch, "seq": seq, "processes": processes, "chunks_per_sequence": chunks,
+                 "memories_per_chunk": memories_per_chunk, "memories_per_host": memories_per_host},
+    }
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def render(b: dict) -> str:
+    c, s, fl = b["config"], b["step"], b["flops"]
+    layers = c["memory_layers"]
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        layers = f"{layers[0]}..{layers[-1]}"
+    lines = [f"memory {c['row_shape']} (layers, K/V, kv heads, k, head_dim); memory layers {layers}",
+             f"bank of {c['num_refs']:,} references; training step: {s['global_batch']} x {s['seq']} tokens over "
+             f"{s['processes']} process(es), {s['chunks_per_sequence']} chunks per sequence, "
+             f"{s['memories_per_chunk']:g} unique memories per chunk = {s['memories_per_host']:,.0f} per host",
+             "",
+             f"{'codec':<6} {'bytes/memory':>13} {'bank (memory)':>26} {'bank (on disk)':>15} {'step/host':>12}"]
+    for name, r in b["codecs"].items():
+        bank = f"{_bytes(r['bank_memory_bytes'])} ({r['bank_memory_bytes'] / 2**40:,.2f} TiB)"
+        lines.append(f"{name:<6} {r['bytes_per_memory']:>13,} {bank:>26} "
+                     f"{_bytes(r['bank_bytes_on_disk']):>15} {_bytes(r['step_bytes_per_host']):>12}")
+    lines += ["",
+              f"write one reference:            {fl['write_per_reference']:.4g} FLOPs "
+              f"({fl['write_per_reference'] / 1e12:.3f} TFLOPs)",
+              f"read one memory, per token:     {fl['read_per_token_per_memory']:.4g} FLOPs",
+              f"read one memory, per use:       {fl['read_per_use']:.4g} FLOPs ({c['chunk_size']} tokens)",
+              f"RAG, the reference in context: {fl['rag_per_reference']:.4g} FLOPs "
+              f"({fl['rag_per_reference'] / fl['read_per_use']:,.0f}x a memory read)"]
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    b = budget(config, _NUM_REFS.value, _CODECS.value,
+               global_batch=_GLOBAL_BATCH.value or config.data.global_batch_size, seq=_SEQ.value or config.data.seq_len,
+               processes=_PROCESSES.value, memories_per_chunk=_MEMORIES_PER_CHUNK.value, sink_len=_SINK_LEN.value)
+    print(json.dumps(b, indent=1) if _JSON.value else render(b))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "num_refs"])
+    app.run(main)
