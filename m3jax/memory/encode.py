@@ -179,6 +179,7 @@ def encode_documents(params: Transformer | Mapping[str, Any], cfg: ModelConfig, 
     if tokens.shape[0] % shards:
         raise ValueError(f"the batch of {tokens.shape[0]} does not divide over {shards} batch shards of the mesh")
     tokens, lengths = jax.device_put((tokens, lengths), sharding)
+    _graphdef(cfg)  # built (and cached) outside the mesh: under one, nnx.eval_shape would shard it by logical names
     with jax.set_mesh(mesh):
         return _encoder(cfg, k, ref_len, rules, sharding)(_params_of(params), tokens, lengths, sink_tokens)
 
