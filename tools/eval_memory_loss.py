@@ -31,7 +31,7 @@ from m3jax.checkpoint import CheckpointError, load_config, load_params, resolve_
 from m3jax.data.corpus import load_corpus  # noqa: E402
 from m3jax.data.records import read_metadata  # noqa: E402
 from m3jax.data.tokenizer import Tokenizer  # noqa: E402
-from m3jax.memory import evaluate  # noqa: E402
+from m3jax.memory import evaluate, writer  # noqa: E402
 from m3jax.memory.writer import sink_tokens  # noqa: E402
 from m3jax.model.config import ModelConfig  # noqa: E402
 from m3jax.train.step import abstract_model  # noqa: E402
@@ -48,19 +48,11 @@ _CODEC = flags.DEFINE_list("codec", ["bf16", "int8"], f"memory codecs; '{evaluat
 _BATCH = flags.DEFINE_integer("batch_size", 16, "passages per forward")
 _JSON = flags.DEFINE_string("json", None, "also write the results (summary and per-passage losses) to this file")
 
-ARCH_FIELDS = ("vocab_size", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-               "vocab_multiple", "rope_base", "norm_eps")
-
-
 def model_config(config, saved: dict) -> ModelConfig:
     """config.model + config.memory (enabled), checked against the checkpoint's saved model config."""
-    saved_model = saved.get("model", {})
     if config.model.vocab_size == -1:
-        config.model.vocab_size = int(saved_model["vocab_size"])
-    for key in ARCH_FIELDS:
-        if key in saved_model and saved_model[key] != config.model[key]:
-            raise ValueError(f"config.model.{key}={config.model[key]} but the checkpoint was trained with "
-                             f"{saved_model[key]}")
+        config.model.vocab_size = int(saved.get("model", {})["vocab_size"])
+    writer.check_model_matches(config.model, saved)
     mem = config.memory.copy_and_resolve_references()
     mem.enabled = True
     return ModelConfig.from_config(config.model, mem)
