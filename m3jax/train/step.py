@@ -37,15 +37,15 @@ def abstract_model(model_cfg: ModelConfig):
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    specs = nnx.get_partition_spec(state).to_pure_dict()
-    return graphdef, state.to_pure_dict(), specs
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    return graphdef, nnx.to_pure_dict(state), specs
 
 
 def init_params(model_cfg: ModelConfig, seed: int):
     """Float32 parameters as a pure dict (call under jit with out_shardings to create them sharded)."""
     with nnx.use_eager_sharding(False):
         model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
-    return nnx.split(model)[1].to_pure_dict()
+    return nnx.to_pure_dict(nnx.split(model)[1])
 
 
 def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float):
