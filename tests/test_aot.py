@@ -1,7 +1,7 @@
 """The ahead-of-time fit check: `python -m m3jax.train --dry_run --topology=...` (m3jax/train/aot.py).
 
-Compiling for a TPU topology needs libtpu (requirements-tpu.txt): those tests skip without it, and fail instead under
-M3JAX_REQUIRE_LIBTPU=1 (CI). One test compiles the full 2.4B model for v5p:4x4x4 (2-3.5 min on 2 cores). A
+Compiling for a TPU topology needs libtpu (requirements-tpu.txt, installed by `make test`): those tests fail
+without it. One test compiles the full 2.4B model for v5p:4x4x4 (2-3.5 min on 2 cores). A
 shallower variant would not be cheaper: the layers are scanned, so compile time grows with width and the number of
 causal attention blocks, not depth. The oversized case is cheap: the compiler stops at its own out-of-memory verdict.
 """
@@ -26,12 +26,10 @@ HIDE_LIBTPU = ("import runpy, sys; sys.modules['libtpu'] = None; "
 
 @pytest.fixture
 def libtpu():
-    """Skips a test without libtpu, or fails it when the environment requires libtpu (M3JAX_REQUIRE_LIBTPU=1)."""
+    """The compiled fit check needs libtpu; `make test` installs it (requirements-tpu.txt), so its absence fails."""
     if importlib.util.find_spec("libtpu") is None:
-        why = "libtpu is not installed (pip install -r requirements-tpu.txt)"
-        if os.environ.get("M3JAX_REQUIRE_LIBTPU") == "1":
-            pytest.fail(f"M3JAX_REQUIRE_LIBTPU=1 but {why}")
-        pytest.skip(why)
+        pytest.fail("libtpu is not installed: run `make test` (it installs requirements-tpu.txt) or "
+                    "pip install -r requirements-tpu.txt")
 
 
 def run_dry_run(*args: str, hide_libtpu: bool = False) -> tuple[subprocess.CompletedProcess, dict]:

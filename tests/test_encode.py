@@ -284,8 +284,7 @@ def test_accepts_a_transformer(setup):
 def test_batch_sharded_over_8_devices(setup):
     """A mesh shards the batch over (data, fsdp); the memories equal the single-device ones."""
     devices = jax.devices()
-    if len(devices) < 8:
-        pytest.skip("needs 8 (fake CPU) devices")
+    assert len(devices) >= 8, "tests/conftest.py provides 8 fake CPU devices"
     mesh = jax.make_mesh((4, 2, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[:8])
     rows = np.arange(8) % 3
     tokens, lengths = setup["tokens"][rows], LENGTHS[rows]
