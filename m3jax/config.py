@@ -32,6 +32,9 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 REMAT_POLICIES = ("none", "full", "dots")
 SCHEDULES = ("wsd", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
+INDEX_KINDS = ("auto", "brute_force", "tree_ah")
+LAYOUTS = ("paper", "per_chunk")
+MEMORY_MODES = ("bank", "online")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -70,6 +73,27 @@ def base_config() -> ml_collections.ConfigDict:
     mem.chunk_size = 64  # tokens per memory group
     mem.per_chunk = 5  # memories (slots) per group
     mem.sink_text = "Reference:"  # the sink is <s> followed by this text, tokenized
+
+    # Retrieval (see m3jax/retrieval/): the sentence embedder, the ScaNN index over a bank's references, the
+    # leakage filter, and which references each 64-token chunk of a training sequence reads.
+    c.retrieval = ml_collections.ConfigDict()
+    r = c.retrieval
+    r.embedder = "all-MiniLM-L6-v2"  # a local Hugging Face directory, or the name of a packaged model
+    r.embed_max_len = 256  # embedder tokens per text (longer texts are truncated)
+    r.embed_batch_size = 64
+    r.index = "auto"  # auto | brute_force | tree_ah
+    r.brute_force_max = 100_000  # auto: brute force up to this many references, tree + AH above
+    r.num_leaves = 0  # tree_ah: partitions; 0 = about sqrt(references)
+    r.leaves_to_search = 0  # tree_ah: partitions searched per query; 0 = a tenth of num_leaves (at least 8)
+    r.ah_dims_per_block = 2  # tree_ah: asymmetric-hashing dimensions per 4-bit code
+    r.reorder = 100  # tree_ah: candidates rescored exactly
+    r.candidates = 20  # neighbours searched per chunk before the leakage filter
+    r.train_max_overlap = 0.9  # training drops references with overlap > this with the sequence (eq. 6)
+    r.eval_max_overlap = 2 / 3  # evaluation drops references with overlap > this with the question
+    r.refs_per_chunk = 1  # references kept per chunk (the paper's training layout: 1)
+    r.layout = "paper"  # paper: a chunk reads its own + the previous per_chunk-1 chunks' references | per_chunk
+    r.ids_path = ""  # reference ids per chunk, written by tools/retrieve.py beside the training data
+    r.mode = "bank"  # bank: memories gathered from the bank | online: reference tokens, encoded in the step
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = the devices the other axes leave
@@ -184,6 +208,23 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
                 resolve(spec, count)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+
+    r = c.retrieval
+    _check(r.index in INDEX_KINDS, "retrieval.index", f"must be one of {INDEX_KINDS}, got {r.index!r}")
+    _check(r.layout in LAYOUTS, "retrieval.layout", f"must be one of {LAYOUTS}, got {r.layout!r}")
+    _check(r.mode in MEMORY_MODES, "retrieval.mode", f"must be one of {MEMORY_MODES}, got {r.mode!r}")
+    for key in ("embed_max_len", "embed_batch_size", "candidates", "refs_per_chunk", "ah_dims_per_block"):
+        _check(int(r[key]) > 0, f"retrieval.{key}", f"must be positive, got {r[key]}")
+    for key in ("train_max_overlap", "eval_max_overlap"):
+        _check(0.0 < r[key] <= 1.0, f"retrieval.{key}", f"must be in (0, 1], got {r[key]}")
+    _check(r.refs_per_chunk <= r.candidates, "retrieval.refs_per_chunk",
+           f"{r.refs_per_chunk} kept of retrieval.candidates={r.candidates} searched")
+    if r.layout == "paper":
+        _check(r.refs_per_chunk == 1, "retrieval.refs_per_chunk",
+               f"the paper layout retrieves 1 reference per chunk, got {r.refs_per_chunk}")
+    else:
+        _check(r.refs_per_chunk <= mem.per_chunk, "retrieval.refs_per_chunk",
+               f"{r.refs_per_chunk} references per chunk do not fit memory.per_chunk={mem.per_chunk} slots")
 
     t = c.train
     _check(t.num_steps > 0, "train.num_steps", f"must be positive, got {t.num_steps}")
