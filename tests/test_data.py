@@ -106,14 +106,15 @@ def test_tokenizer_round_trip_and_identity(docs, tokenizer_path, tmp_path):
 
 def reference_rows(docs_tokens, seq_len):
     """Token by token, from the definition: row i is stream[i*L : i*L+L+1] of [bos, *doc, eos] pieces."""
-    stream, owner = [], []
+    stream, owner, offset = [], [], []
     for d, doc in enumerate(docs_tokens):
         piece = [BOS, *doc, EOS]
         stream += piece
         owner += [d] * len(piece)
+        offset += list(range(len(piece)))
     rows, start = [], 0
     while len(stream) - start >= 2:
-        row = {name: [0] * seq_len for name in LM_FIELDS}
+        row = {name: [-1 if name in ("documents", "doc_offsets") else 0] * seq_len for name in LM_FIELDS}
         segment, position = 0, 0
         for t in range(seq_len):
             i = start + t
@@ -122,6 +123,7 @@ def reference_rows(docs_tokens, seq_len):
             if t == 0 or owner[i] != owner[i - 1]:
                 segment, position = segment + 1, 0
             row["inputs"][t], row["segment_ids"][t], row["positions"][t] = stream[i], segment, position
+            row["documents"][t], row["doc_offsets"][t] = 10 * owner[i] + 3, offset[i]
             position += 1
             if i + 1 < len(stream):
                 row["targets"][t] = stream[i + 1]
@@ -136,7 +138,7 @@ def test_packing_matches_reference(seq_len):
     rng = np.random.default_rng(seq_len)
     docs_tokens = [rng.integers(4, 100, size=n).tolist() for n in rng.integers(0, 40, size=25)]
     docs_tokens[3] = []  # an empty document still becomes [bos, eos]
-    rows = list(pack_documents(docs_tokens, seq_len, BOS, EOS))
+    rows = list(pack_documents(docs_tokens, seq_len, BOS, EOS, doc_numbers=[10 * d + 3 for d in range(25)]))
     expected, stream = reference_rows(docs_tokens, seq_len)
     assert len(rows) == len(expected)
     for row, ref in zip(rows, expected, strict=True):

@@ -57,21 +57,31 @@ def prepare(
 
     Each document goes whole to "heldout" (with probability `heldout_fraction`, by `heldout_split`) or
     "train", so no heldout text is ever trained on. Documents keep corpus order within a split.
+
+    The knowledge split. The knowledge base of retrieval is the whole corpus (`corpus_spec`, every document in
+    corpus order, as `m3jax.memory.writer.load_references` cuts it); the heldout documents are in the knowledge
+    base but never in the training data, so their facts reach the model only through memory. Records carry each
+    token's corpus document number and offset (`documents`, `doc_offsets`), which tie a training chunk to the
+    references cut from its own text. The split is a pure function of (doc_id, seed, heldout_fraction).
     """
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     docs = load_corpus(corpus_spec)
     tokenizer = Tokenizer(tokenizer_path)
     by_split: dict[str, list[Document]] = {name: [] for name in SPLITS}
-    for doc in docs:
-        by_split["heldout" if heldout_split(doc.doc_id, heldout_fraction, seed) else "train"].append(doc)
+    numbers: dict[str, list[int]] = {name: [] for name in SPLITS}  # each document's index in the corpus
+    for number, doc in enumerate(docs):
+        split = "heldout" if heldout_split(doc.doc_id, heldout_fraction, seed) else "train"
+        by_split[split].append(doc)
+        numbers[split].append(number)
     if not by_split["train"]:
         raise ValueError(f"corpus {corpus_spec!r} leaves no training documents at {heldout_fraction=}")
 
     splits = {}
     for name, split_docs in by_split.items():
         counter = _Counter()
-        rows = pack_documents(_encoded(tokenizer, split_docs), seq_len, tokenizer.bos_id, tokenizer.eos_id)
+        rows = pack_documents(_encoded(tokenizer, split_docs), seq_len, tokenizer.bos_id, tokenizer.eos_id,
+                              doc_numbers=numbers[name])
         num_records = records.write_split(counter(rows), out_dir, name, num_shards)
         splits[name] = {
             "num_documents": len(split_docs),
@@ -91,6 +101,7 @@ def prepare(
         "tokenizer_path": os.path.abspath(tokenizer_path),
         "tokenizer_sha256": tokenizer.sha256,
         "corpus": corpus_spec,
+        "num_corpus_documents": len(docs),
         "heldout_fraction": heldout_fraction,
         "seed": seed,
         "splits": splits,
