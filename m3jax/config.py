@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
     r.ah_dims_per_block = 2  # tree_ah: asymmetric-hashing dimensions per 4-bit code
     r.reorder = 100  # tree_ah: candidates rescored exactly
     r.candidates = 20  # neighbours searched per chunk before the leakage filter
+    r.min_chunk_tokens = 16  # a shorter chunk (a document's tail) retrieves nothing of its own
     r.train_max_overlap = 0.9  # training drops references with overlap > this with the sequence (eq. 6)
     r.eval_max_overlap = 2 / 3  # evaluation drops references with overlap > this with the question
     r.refs_per_chunk = 1  # references kept per chunk (the paper's training layout: 1)
@@ -213,7 +214,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _check(r.index in INDEX_KINDS, "retrieval.index", f"must be one of {INDEX_KINDS}, got {r.index!r}")
     _check(r.layout in LAYOUTS, "retrieval.layout", f"must be one of {LAYOUTS}, got {r.layout!r}")
     _check(r.mode in MEMORY_MODES, "retrieval.mode", f"must be one of {MEMORY_MODES}, got {r.mode!r}")
-    for key in ("embed_max_len", "embed_batch_size", "candidates", "refs_per_chunk", "ah_dims_per_block"):
+    for key in ("embed_max_len", "embed_batch_size", "candidates", "refs_per_chunk", "ah_dims_per_block",
+                "min_chunk_tokens"):
         _check(int(r[key]) > 0, f"retrieval.{key}", f"must be positive, got {r[key]}")
     for key in ("train_max_overlap", "eval_max_overlap"):
         _check(0.0 < r[key] <= 1.0, f"retrieval.{key}", f"must be in (0, 1], got {r[key]}")

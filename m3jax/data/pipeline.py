@@ -35,8 +35,11 @@ def _global_records(
     seed: int,
     num_epochs: int | None,
     shuffle: bool,
+    with_index: bool = False,
 ) -> grain.MapDataset:
-    """The split's decoded records in global order, cut to a whole number of global batches when finite."""
+    """The split's decoded records in global order, cut to a whole number of global batches when finite.
+
+    `with_index`: each record also holds "record", its index in the split (int64 scalar)."""
     source, decode = split_source(data_dir, split)
     if len(source) < global_batch_size:
         raise ValueError(
@@ -44,6 +47,8 @@ def _global_records(
             f"{global_batch_size}"
         )
     ds = grain.MapDataset.source(source).map_with_index(decode)
+    if with_index:
+        ds = ds.map_with_index(lambda i, record: {**record, "record": np.int64(i)})
     if shuffle:
         ds = ds.seed(seed).shuffle()  # reshuffled every epoch by the repeat below
     ds = ds.repeat(num_epochs)

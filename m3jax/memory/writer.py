@@ -178,18 +178,26 @@ def writer_record(refs: References, window_refs: int, dtype: str) -> dict[str, A
             "references_sha256": refs.sha256()}
 
 
-def _check_record(path, record: Mapping[str, Any], *, store: bool = True) -> None:
-    """Refuses a bank whose writer record differs from `record`; stores `record` beside a bank without one."""
+def read_record(path) -> dict[str, Any] | None:
+    """The writer record of the bank at `path` (None when it has none)."""
     kvstore = ts.KvStore.open(bank_lib._root(path), context=bank_lib._default_context()).result()
     found = kvstore.read(RECORD_KEY).result()
-    if found.state != "value":
+    return json.loads(found.value) if found.state == "value" else None
+
+
+def _check_record(path, record: Mapping[str, Any], *, store: bool = True) -> None:
+    """Refuses a bank whose writer record differs from `record`; stores `record` beside a bank without one."""
+    theirs = read_record(path)
+    if theirs is None:
         if not store:
             return
+        kvstore = ts.KvStore.open(bank_lib._root(path), context=bank_lib._default_context()).result()
+        found = kvstore.read(RECORD_KEY).result()
         text = json.dumps(dict(record), indent=1, sort_keys=True)
-        if kvstore.write(RECORD_KEY, text, if_equal=found.stamp.generation).result().generation:
+        if found.state != "value" and kvstore.write(RECORD_KEY, text,
+                                                     if_equal=found.stamp.generation).result().generation:
             return
-        found = kvstore.read(RECORD_KEY).result()  # another process stored it first
-    theirs = json.loads(found.value)
+        theirs = read_record(path)  # another process stored it first
     diffs = [f"{k}: bank {theirs.get(k)!r}, this writer {record[k]!r}" for k in record if theirs.get(k) != record[k]]
     if diffs:
         other_kb = theirs.get("references_sha256") != record["references_sha256"]

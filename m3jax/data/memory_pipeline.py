@@ -1,0 +1,147 @@
+"""The memory-augmented input pipeline of continued training: packed records with the memories their chunks read.
+
+Order, sharding, determinism and resume are the stage-1 pipeline's (`m3jax.data.pipeline`): the same global
+record order, each process's rows of each global batch, `get_state()`/`set_state()` for exact resume. Each record
+also gets, from the reference ids that `tools/retrieve.py` stored for it (`RetrievedIds`):
+
+    positions      [b, L] int32    the record's positions + p + ref_len: the context starts after the sink [0, p)
+                                   and the memory keys [p, p + ref_len) (docs/memory.md)
+    memory_group   [b, L] int32    the chunk each token belongs to (`m3jax.retrieval.chunks`); -1 = none
+    memory_index   [b, G, S] int32 the slots of each group: indices into memory_ids; -1 = empty
+    memory_ids     [b, M] int32    the record's unique references (M = G·R), sorted, -1 padded
+
+and the memories themselves, read once per batch for the unique ids of every row (never a copy per chunk):
+
+- "bank" mode (from a `MemoryBank`, written by a fixed checkpoint): the stored codes, as the bank keeps them
+  (`memory_codes/<name>` [b, M, *row], e.g. bf16 key/values [b, M, Lm, 2, mkv, k, d]) and
+  `memory_valid` [b, M, k] bool (False = a padding key or an empty id); `device_memory` turns them into the
+  model's `Memory` on device;
+- "online" mode (the paper: references encoded by the model being trained): `memory_tokens` [b, M, ref_len]
+  int32 (-1 padded) and `memory_lengths` [b, M] int32 (0 = an empty id), from `References`.
+
+Everything runs in grain's read threads (`prefetch` batches ahead), so a step does not wait for the bank.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+
+from m3jax.data.pipeline import _global_records, _local_batch_size, _process_batches
+from m3jax.data.records import read_metadata
+from m3jax.memory.bank import MemoryBank
+from m3jax.memory.codecs import get_codec
+from m3jax.model.memory import Memory
+from m3jax.retrieval import chunks
+from m3jax.retrieval.retrieve import RetrievedIds
+
+MODES = ("bank", "online")
+CODES_PREFIX = "memory_codes/"
+
+
+def _add_slots(record: dict, ids: RetrievedIds, *, layout: str, slots: int, chunk_size: int,
+               context_start: int) -> dict:
+    """One record -> the record with its memory groups, slots and unique ids (positions shifted)."""
+    refs = ids[record["record"]]  # [G, R]
+    num_groups = refs.shape[0]
+    group, _ = chunks.chunk_groups(record["segment_ids"], chunk_size, num_groups)
+    starts, stops = chunks.group_spans(group, num_groups)
+    group_segment = np.where(stops > starts, record["segment_ids"][starts], 0)
+    unique, index = chunks.slot_index(refs, group_segment, layout, slots)
+    out = dict(record)
+    out["positions"] = (record["positions"] + context_start).astype(np.int32)
+    out.update(memory_group=group, memory_index=index, memory_ids=unique)
+    return out
+
+
+def _add_memories(batch: dict, *, mode: str, source) -> dict:
+    """A batch -> the batch with the memories of its unique ids (bank codes, or reference tokens)."""
+    ids = batch["memory_ids"]  # [b, M]
+    out = dict(batch)
+    if mode == "bank":
+        codes, positions = source.gather_codes(ids)
+        out.update({CODES_PREFIX + name: x for name, x in codes.items()})
+        out["memory_valid"] = positions[:, :, 0, 0, :] >= 0  # [b, M, k]: padding keys pad every layer and head
+    else:
+        safe = np.maximum(ids, 0)
+        tokens, lengths = source.rows(safe.reshape(-1))
+        empty = (ids < 0).reshape(-1)
+        tokens[empty], lengths = -1, np.where(empty, 0, lengths)
+        out["memory_tokens"] = tokens.reshape(*ids.shape, -1)
+        out["memory_lengths"] = lengths.reshape(ids.shape).astype(np.int32)
+    return out
+
+
+def make_memory_iterator(
+    data_dir: str | os.PathLike,
+    split: str,
+    ids: RetrievedIds,
+    source,
+    *,
+    mode: str,
+    layout: str,
+    slots: int,
+    chunk_size: int,
+    sink_len: int,
+    ref_len: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    worker_count: int = 0,
+    prefetch: int = 2,
+) -> grain.DatasetIterator:
+    """An iterator of this process's memory-augmented batches (the module docstring).
+
+    ids: the split's retrieved reference ids; source: a `MemoryBank` ("bank") or `References` ("online");
+    slots = memory.per_chunk (S), sink_len = p, ref_len: the memory positions' span.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "bank" and not isinstance(source, MemoryBank):
+        raise TypeError(f"bank mode reads a MemoryBank, got {type(source).__name__}")
+    if mode == "online" and not hasattr(source, "rows"):
+        raise TypeError(f"online mode reads References (m3jax.memory.writer), got {type(source).__name__}")
+    if ids.meta["chunk_size"] != chunk_size:
+        raise ValueError(f"retrieved ids {ids.directory} were cut in chunks of {ids.meta['chunk_size']} tokens, "
+                         f"config.memory.chunk_size={chunk_size}")
+    num_refs = source.num_refs if mode == "bank" else len(source)
+    if ids.meta["num_refs"] != num_refs:
+        raise ValueError(f"retrieved ids {ids.directory} index {ids.meta['num_refs']:,} references, the memory "
+                         f"source holds {num_refs:,}")
+    split_records = read_metadata(data_dir)["splits"].get(split, {}).get("num_records")
+    if split_records is not None and ids.num_records != split_records:
+        raise ValueError(f"retrieved ids {ids.directory} cover {ids.num_records:,} records, split {split!r} of "
+                         f"{data_dir} holds {split_records:,}: retrieve this split again")
+    local = _local_batch_size(global_batch_size, process_index, process_count)
+    ds = _global_records(data_dir, split, global_batch_size, seed, num_epochs, shuffle, with_index=True)
+    ds = ds.map(functools.partial(_add_slots, ids=ids, layout=layout, slots=slots, chunk_size=chunk_size,
+                                  context_start=sink_len + ref_len))
+    ds = _process_batches(ds, local, process_index, process_count)
+    ds = ds.map(functools.partial(_add_memories, mode=mode, source=source))
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
+    if worker_count > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(it_ds)
+
+
+def device_memory(batch: Mapping[str, jnp.ndarray], codec: str, sink_tokens, dtype=jnp.bfloat16) -> Memory:
+    """A bank-mode batch's memories as the model's `Memory` (jittable; decodes on device).
+
+    codes [b, M, Lm, 2, mkv, k, d] -> keys/values [Lm, b, M, mkv, k, d]; index, valid as the batch holds them.
+    """
+    c = get_codec(codec)
+    codes = {k[len(CODES_PREFIX):]: v for k, v in batch.items() if k.startswith(CODES_PREFIX)}
+    b, m = batch["memory_ids"].shape
+    kv = c.decode({k: v.reshape(b * m, *v.shape[2:]) for k, v in codes.items()}, dtype)
+    kv = kv.reshape(b, m, *kv.shape[1:])  # [b, M, Lm, 2, mkv, k, d]
+    kv = jnp.moveaxis(kv, 2, 0)  # [Lm, b, M, 2, mkv, k, d]
+    return Memory(keys=kv[:, :, :, 0], values=kv[:, :, :, 1], index=jnp.asarray(batch["memory_index"]),
+                  valid=jnp.asarray(batch["memory_valid"]), sink_tokens=jnp.asarray(sink_tokens, jnp.int32))

@@ -1,0 +1,286 @@
+"""Retrieval for training data: the references each chunk of every record reads, stored beside the data.
+
+For each record of a prepared split (`m3jax.data.prepare`) and each of its chunks (`m3jax.retrieval.chunks`):
+the chunk's text (its tokens decoded by the data's tokenizer) is embedded, the index returns `candidates`
+references, and the leaking ones are dropped:
+- provenance: a reference cut from text of the record itself (same corpus document, token spans that meet) —
+  known when the knowledge base is the data's corpus (the knowledge split), so a chunk never retrieves its own
+  source, even when only part of that reference lies in the record;
+- eq. 6: a reference whose overlap with the record's tokens exceeds `max_overlap` (`m3jax.retrieval.overlap`) —
+  any near-copy of the record's text, from whatever document.
+The first `refs_per_chunk` survivors, best first, are the chunk's references (−1 = none).
+
+Storage (`RetrievedIds`), a directory:
+
+    retrieval.json          what was retrieved, with what (data, bank, embedder, index, settings): a rerun
+                            with other inputs is refused rather than mixing two retrievals
+    block-{i:06d}.npy       int32 [records of block i, num_groups, refs_per_chunk], records [i·B, (i+1)·B)
+
+Blocks are written whole and atomically (temporary file, then rename), so a restarted run redoes only the
+blocks that are missing. Process p of n takes blocks p, p + n, …: no coordination, no two writers of a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m3jax.data.records import split_source
+from m3jax.data.tokenizer import Tokenizer
+from m3jax.retrieval import chunks
+from m3jax.retrieval.overlap import leaking
+
+META_FILE = "retrieval.json"
+FORMAT = 1
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """Where each reference was cut from: corpus document [n], first token [n], length [n] (document tokens,
+    without bos; see `m3jax.memory.writer.cut_references`)."""
+
+    doc: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+
+    @classmethod
+    def of(cls, refs) -> Provenance:
+        """From `m3jax.memory.writer.References` (starts there are offsets in the concatenated corpus)."""
+        doc_first = np.zeros(len(refs.doc_ids), np.int64)
+        new_doc = np.concatenate([[True], refs.doc_index[1:] != refs.doc_index[:-1]])
+        doc_first[refs.doc_index[new_doc]] = refs.starts[new_doc]
+        return cls(doc=refs.doc_index.astype(np.int64), start=refs.starts - doc_first[refs.doc_index],
+                   length=refs.lengths.astype(np.int64))
+
+    def from_record(self, ids: np.ndarray, documents: np.ndarray, doc_offsets: np.ndarray) -> np.ndarray:
+        """[m] bool: reference ids [m] shares a token with the record (documents/doc_offsets [L], -1 = padding)."""
+        real = documents >= 0
+        docs, offsets = documents[real], doc_offsets[real] - 1  # document token index (bos = -1)
+        out = np.zeros(ids.shape, bool)
+        for d in np.unique(docs):  # a document's tokens in a row are one contiguous run
+            lo, hi = offsets[docs == d].min(), offsets[docs == d].max()
+            out |= (self.doc[ids] == d) & (self.start[ids] <= hi) & (self.start[ids] + self.length[ids] > lo)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+@dataclasses.dataclass(frozen=True)
+class RetrievalSettings:
+    chunk_size: int
+    num_groups: int
+    refs_per_chunk: int
+    candidates: int
+    max_overlap: float
+    min_tokens: int
+
+    @classmethod
+    def from_config(cls, config) -> RetrievalSettings:
+        r = config.retrieval
+        return cls(chunk_size=config.memory.chunk_size,
+                   num_groups=chunks.max_groups(config.data.seq_len, config.memory.chunk_size),
+                   refs_per_chunk=r.refs_per_chunk, candidates=r.candidates, max_overlap=r.train_max_overlap,
+                   min_tokens=r.min_chunk_tokens)
+
+
+class ChunkRetriever:
+    """Records -> reference ids per chunk (the module docstring).
+
+    embed: texts -> unit vectors [n, d]; search: (queries [q, d], k) -> (ids [q, k], scores); ref_tokens:
+    ids [m] -> tokens [m, ref_len] (-1 padded); provenance: None when the knowledge base is not the data's corpus.
+    """
+
+    def __init__(self, settings: RetrievalSettings, tokenizer: Tokenizer, embed: Callable, search: Callable,
+                 ref_tokens: Callable, provenance: Provenance | None):
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.embed, self.search, self.ref_tokens = embed, search, ref_tokens
+        self.provenance = provenance
+        self.stats = {"records": 0, "chunks": 0, "queries": 0, "no_group_tokens": 0, "dropped_provenance": 0,
+                      "dropped_overlap": 0, "empty_refs": 0}
+
+    def __call__(self, records: Mapping[str, np.ndarray]) -> np.ndarray:
+        """records: fields [n, L] (inputs, segment_ids, documents, doc_offsets) -> refs [n, G, R] int32."""
+        s = self.settings
+        inputs, seg = np.asarray(records["inputs"]), np.asarray(records["segment_ids"])
+        n = inputs.shape[0]
+        group, lost = chunks.chunk_groups(seg, s.chunk_size, s.num_groups)
+        queries, where = [], []
+        used = np.zeros((n, s.num_groups), bool)
+        for i in range(n):
+            starts, stops = chunks.group_spans(group[i], s.num_groups)
+            used[i] = stops > starts
+            for g in np.flatnonzero(stops - starts >= s.min_tokens):
+                queries.append(self.tokenizer.decode(inputs[i, starts[g]:stops[g]]))
+                where.append((i, g))
+        out = np.full((n, s.num_groups, s.refs_per_chunk), -1, np.int32)
+        if queries:
+            cand, _ = self.search(self.embed(queries), s.candidates)  # [q, C], best first
+            where = np.asarray(where)
+            for i in range(n):
+                rows = np.flatnonzero(where[:, 0] == i)
+                if rows.size:
+                    out[i] = self._choose(cand[rows], where[rows, 1], {f: np.asarray(records[f])[i]
+                                                                       for f in ("inputs", "segment_ids",
+                                                                                 "documents", "doc_offsets")})
+        self.stats["records"] += n
+        self.stats["chunks"] += int(used.sum())
+        self.stats["queries"] += len(queries)
+        self.stats["no_group_tokens"] += lost
+        self.stats["empty_refs"] += int(np.count_nonzero(used & (out[..., 0] < 0)))
+        return out
+
+    def _choose(self, cand: np.ndarray, groups: np.ndarray, row: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One record's references [G, R] from its chunks' candidates [q, C] (q chunks at `groups`)."""
+        s = self.settings
+        uniq = np.unique(cand[cand >= 0])
+        drop = np.zeros(uniq.shape, bool)
+        if self.provenance is not None:
+            drop = self.provenance.from_record(uniq, row["documents"], row["doc_offsets"])
+            self.stats["dropped_provenance"] += int(drop.sum())
+        rest = np.flatnonzero(~drop)
+        if rest.size:
+            sequence = row["inputs"][row["segment_ids"] > 0]
+            leak = leaking(self.ref_tokens(uniq[rest]), sequence, s.max_overlap)
+            drop[rest[leak]] = True
+            self.stats["dropped_overlap"] += int(leak.sum())
+        keep = ~drop[np.searchsorted(uniq, np.maximum(cand, 0))] & (cand >= 0)  # [q, C]
+        out = np.full((s.num_groups, s.refs_per_chunk), -1, np.int32)
+        for q, g in enumerate(groups):
+            chosen = cand[q][keep[q]][: s.refs_per_chunk]
+            out[g, : chosen.size] = chosen
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ storage
+class RetrievedIds:
+    """The reference ids per chunk of a split's records (the module docstring's directory)."""
+
+    def __init__(self, directory: str | os.PathLike, meta: Mapping[str, Any]):
+        self.directory = Path(directory)
+        self.meta = dict(meta)
+        self.block_records = int(meta["block_records"])
+        self.num_records = int(meta["num_records"])
+        self.shape = (int(meta["num_groups"]), int(meta["refs_per_chunk"]))
+        self._blocks: dict[int, np.ndarray] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_records // self.block_records)
+
+    def block_path(self, i: int) -> Path:
+        return self.directory / f"block-{i:06d}.npy"
+
+    def block_range(self, i: int) -> tuple[int, int]:
+        return i * self.block_records, min((i + 1) * self.block_records, self.num_records)
+
+    @classmethod
+    def create(cls, directory, meta: Mapping[str, Any]) -> RetrievedIds:
+        """A new store, or the existing one at `directory` when it holds the same retrieval (a resumed run)."""
+        directory = Path(directory)
+        meta = {"format": FORMAT, **meta}
+        path = directory / META_FILE
+        if path.exists():
+            theirs = _read_meta(path)
+            diffs = [f"{k}: stored {theirs.get(k)!r}, now {meta[k]!r}" for k in meta if theirs.get(k) != meta[k]]
+            if diffs:
+                raise ValueError(f"{path} holds another retrieval ({'; '.join(diffs)}); give a new --out or "
+                                 "rerun with its inputs")
+            return cls(directory, theirs)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+        return cls(directory, meta)
+
+    @classmethod
+    def open(cls, directory, *, expect: Mapping[str, Any] | None = None) -> RetrievedIds:
+        """A complete store; `expect`: metadata fields that must equal (e.g. the data's num_records, seq_len)."""
+        directory = Path(directory)
+        meta = _read_meta(directory / META_FILE)
+        diffs = [f"{k}: stored {meta.get(k)!r}, expected {v!r}" for k, v in (expect or {}).items() if meta.get(k) != v]
+        if diffs:
+            raise ValueError(f"retrieved ids {directory} do not fit: {'; '.join(diffs)}")
+        store = cls(directory, meta)
+        missing = store.missing_blocks()
+        if missing:
+            raise FileNotFoundError(f"retrieved ids {directory} are incomplete: {len(missing)} of {store.num_blocks} "
+                                    f"blocks missing (first: {store.block_path(missing[0]).name}); rerun "
+                                    "tools/retrieve.py to finish them")
+        return store
+
+    def missing_blocks(self, blocks=None) -> list[int]:
+        return [i for i in (range(self.num_blocks) if blocks is None else blocks) if not self.block_path(i).exists()]
+
+    def write_block(self, i: int, ids: np.ndarray) -> None:
+        a, b = self.block_range(i)
+        if ids.shape != (b - a, *self.shape):
+            raise ValueError(f"block {i} of {self.directory}: ids of shape {ids.shape}, expected "
+                             f"{(b - a, *self.shape)}")
+        tmp = self.directory / f".block-{i:06d}.tmp{os.getpid()}.npy"
+        np.save(tmp, ids.astype(np.int32))
+        os.replace(tmp, self.block_path(i))
+
+    def _block(self, i: int) -> np.ndarray:
+        if i not in self._blocks:
+            path = self.block_path(i)
+            try:
+                block = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot read {path}: {e}") from e
+            a, b = self.block_range(i)
+            if block.shape != (b - a, *self.shape) or block.dtype != np.int32:
+                raise ValueError(f"{path} holds {block.dtype} {block.shape}, expected int32 {(b - a, *self.shape)}")
+            self._blocks[i] = block
+        return self._blocks[i]
+
+    def __getitem__(self, record: int) -> np.ndarray:
+        """The ids [G, R] of a record of the split (indices past its length wrap, as grain's repeat gives them)."""
+        record = int(record) % self.num_records
+        i = record // self.block_records
+        return np.asarray(self._block(i)[record - i * self.block_records])
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: not a directory of retrieved ids "
+                                "(write one with tools/retrieve.py)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def retrieve_split(store: RetrievedIds, data_dir, split: str, retriever: ChunkRetriever, *, process_index: int = 0,
+                   process_count: int = 1, batch_records: int = 64, log: Callable[[str], None] = print,
+                   log_every_s: float = 10.0) -> dict[str, Any]:
+    """Writes this process's missing blocks (p, p + n, …) of `store` for `split` of `data_dir`; returns stats."""
+    source, decode = split_source(data_dir, split)
+    todo = store.missing_blocks(range(process_index, store.num_blocks, process_count))
+    t0 = last = time.perf_counter()
+    done_records = 0
+    total = sum(b - a for a, b in map(store.block_range, todo))
+    for i in todo:
+        a, b = store.block_range(i)
+        parts = []
+        for start in range(a, b, batch_records):
+            idx = range(start, min(start + batch_records, b))
+            recs = [decode(j, source[j]) for j in idx]
+            parts.append(retriever({f: np.stack([r[f] for r in recs]) for f in recs[0]}))
+            done_records += len(idx)
+            if time.perf_counter() - last > log_every_s:
+                last = time.perf_counter()
+                rate = done_records / (last - t0)
+                log(f"retrieve: process {process_index}: {done_records:,}/{total:,} records, {rate:,.1f} records/s, "
+                    f"eta {(total - done_records) / max(rate, 1e-9):,.0f} s")
+        store.write_block(i, np.concatenate(parts))
+    seconds = time.perf_counter() - t0
+    return {"blocks": len(todo), "records": done_records, "seconds": seconds,
+            "records_per_s": done_records / seconds if done_records else 0.0, **retriever.stats}

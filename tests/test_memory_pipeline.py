@@ -1,0 +1,181 @@
+"""The memory-augmented Grain pipeline on the session's knowledge split (conftest.memory_kb, kb_retrieval).
+
+Checked against independent constructions: groups and slots from the layout's definition token by token, the
+bank's rows read straight from its zarr array with TensorStore, reference tokens from the knowledge base.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from m3jax.data.memory_pipeline import CODES_PREFIX, device_memory, make_memory_iterator
+from m3jax.retrieval.build import open_bank
+from m3jax.retrieval.retrieve import RetrievedIds
+
+BATCH, SLOTS, CHUNK, REF_LEN = 4, 5, 64, 128
+
+
+@pytest.fixture(scope="module")
+def setup(memory_kb, kb_retrieval):
+    from m3jax.data.tokenizer import Tokenizer
+
+    bank = open_bank(memory_kb["bank"], Tokenizer(memory_kb["tokenizer"]))
+    return {"bank": bank, "bank_dir": memory_kb["bank"], "ids": RetrievedIds.open(kb_retrieval["ids"]), "data": memory_kb["data"],
+            "sink": memory_kb["sink"], "refs": memory_kb["refs"]}
+
+
+def iterator(setup, mode="bank", source=None, **kw):
+    args = dict(mode=mode, layout="paper", slots=SLOTS, chunk_size=CHUNK, sink_len=len(setup["sink"]),
+                ref_len=REF_LEN, global_batch_size=BATCH, seed=3)
+    args.update(kw)
+    return make_memory_iterator(setup["data"], "train", setup["ids"], source or setup["bank"], **args)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+def naive_reads(segment_ids, refs):
+    """Per token, the set of references it reads (paper layout), from the definitions, token by token."""
+    chunk_of, g, pos = [], -1, 0
+    for t, s in enumerate(segment_ids):
+        if s == 0:
+            chunk_of.append(-1)
+            continue
+        pos = 0 if t == 0 or segment_ids[t - 1] != s else pos + 1
+        if pos % CHUNK == 0:
+            g += 1
+        chunk_of.append(g)
+    seg_of = {c: segment_ids[t] for t, c in enumerate(chunk_of) if c >= 0}
+    reads = []
+    for c in chunk_of:
+        if c < 0:
+            reads.append(set())
+        else:
+            reads.append({int(refs[h, 0]) for h in range(max(0, c - SLOTS + 1), c + 1)
+                          if seg_of[h] == seg_of[c] and refs[h, 0] >= 0})
+    return reads
+
+
+def test_bank_batches_hold_the_retrieved_memories(setup):
+    bank, store = setup["bank"], setup["ids"]
+    stored = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": setup["bank_dir"] + "/memory/"}},
+                     open=True).result()
+    p = len(setup["sink"])
+    for batch in take(iterator(setup), 3):
+        codes = batch[CODES_PREFIX + "memory"]  # [b, M, Lm, 2, mkv, k, d]
+        assert codes.shape[:2] == batch["memory_ids"].shape
+        for row in range(BATCH):
+            record = int(batch["record"][row])
+            ids = batch["memory_ids"][row]
+            for m, r in enumerate(ids):  # each unique memory is the bank's row, bit for bit; -1 = zeros
+                want = stored[int(r)].read().result() if r >= 0 else np.zeros(codes.shape[2:], codes.dtype)
+                np.testing.assert_array_equal(codes[row, m].view(np.uint16), want.view(np.uint16))
+                assert batch["memory_valid"][row, m].any() == (r >= 0)
+            reads = naive_reads(batch["segment_ids"][row], store[record])
+            for t, want in enumerate(reads):
+                g = batch["memory_group"][row, t]
+                slots = batch["memory_index"][row, g] if g >= 0 else np.array([], int)
+                got = ids[slots[slots >= 0]].tolist()
+                assert sorted(got) == sorted(want) and len(got) == len(set(got)), (record, t)
+            real = batch["segment_ids"][row] > 0
+            assert np.all(batch["positions"][row][real] >= p + REF_LEN)
+    # the positions are the record's, shifted past the sink and the memory span
+    from m3jax.data.records import split_source
+
+    source, decode = split_source(setup["data"], "train")
+    rec = decode(record, source[record])
+    np.testing.assert_array_equal(batch["positions"][row], rec["positions"] + p + REF_LEN)
+    np.testing.assert_array_equal(batch["inputs"][row], rec["inputs"])
+
+
+def test_deterministic_and_exact_resume(setup):
+    first = take(iterator(setup), 5)
+    for a, b in zip(first, take(iterator(setup), 5), strict=True):
+        assert_batches_equal(a, b)
+    it = iterator(setup)
+    take(it, 2)
+    state = it.get_state()
+    resumed = iterator(setup)
+    resumed.set_state(state)
+    for a, b in zip(first[2:], take(resumed, 3), strict=True):
+        assert_batches_equal(a, b)
+    other = take(iterator(setup, seed=4), 1)[0]
+    assert not np.array_equal(other["record"], first[0]["record"])
+
+
+def test_processes_read_their_rows_of_the_global_batch(setup):
+    whole = take(iterator(setup), 2)
+    halves = [take(iterator(setup, process_index=i, process_count=2), 2) for i in range(2)]
+    for s in range(2):
+        for k in whole[s]:
+            np.testing.assert_array_equal(np.concatenate([halves[0][s][k], halves[1][s][k]]), whole[s][k])
+
+
+def test_online_batches_hold_the_reference_tokens(setup):
+    refs = setup["refs"]
+    for bank_batch, batch in zip(take(iterator(setup), 2), take(iterator(setup, "online", refs), 2), strict=True):
+        np.testing.assert_array_equal(batch["memory_ids"], bank_batch["memory_ids"])
+        np.testing.assert_array_equal(batch["memory_index"], bank_batch["memory_index"])
+        for row, m in itertools.product(range(BATCH), range(batch["memory_ids"].shape[1])):
+            r = batch["memory_ids"][row, m]
+            toks = batch["memory_tokens"][row, m]
+            if r < 0:
+                assert batch["memory_lengths"][row, m] == 0 and np.all(toks == -1)
+            else:
+                n = batch["memory_lengths"][row, m]
+                start = refs.starts[r]
+                assert toks[:n].tolist() == refs.tokens[start:start + n].tolist() and np.all(toks[n:] == -1)
+
+
+def test_device_memory_feeds_the_model(setup, memory_kb):
+    from flax import nnx
+
+    from m3jax.memory.encode import _graphdef
+    from m3jax.model.config import ModelConfig
+    from m3jax.model.memory import Memory
+    from m3jax.train.step import init_params
+
+    bank, config = setup["bank"], memory_kb["config"]
+    batch = take(iterator(setup), 1)[0]
+    memory = device_memory(batch, bank.metadata["codec"], setup["sink"], jnp.float32)
+    kv, _ = bank.gather(batch["memory_ids"], jnp.float32)  # [b, M, Lm, 2, mkv, k, d]
+    np.testing.assert_array_equal(memory.keys, jnp.moveaxis(kv[:, :, :, 0], 2, 0))
+    np.testing.assert_array_equal(memory.values, jnp.moveaxis(kv[:, :, :, 1], 2, 0))
+
+    cfg = ModelConfig.from_config(config.model, config.memory)
+    params = init_params(ModelConfig.from_config(config.model), seed=0)
+
+    def logits(mem):
+        return nnx.merge(_graphdef(cfg), params)(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                                 batch["memory_group"], mem)
+
+    with_memory = jax.jit(logits)(memory)
+    empty = Memory.empty(setup["sink"], batch=BATCH, groups=batch["memory_index"].shape[1], slots=SLOTS,
+                         memory_layers=len(cfg.memory_layers), kv_heads=len(cfg.memory_kv_heads), k=config.memory.k,
+                         head_dim=cfg.head_dim)
+    without = jax.jit(logits)(empty)
+    assert np.isfinite(np.asarray(with_memory)).all()
+    assert not np.allclose(with_memory, without, atol=1e-4)  # the memories are read
+
+
+def test_mismatches_are_named(setup, memory_kb):
+    with pytest.raises(ValueError, match="chunks of 64 tokens"):
+        iterator(setup, chunk_size=32)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        iterator(setup, mode="cache")
+    with pytest.raises(TypeError, match="online mode reads References"):
+        iterator(setup, "online", setup["bank"])
+    with pytest.raises(ValueError, match="cover"):
+        make_memory_iterator(setup["data"], "heldout", setup["ids"], setup["bank"], mode="bank", layout="paper",
+                             slots=SLOTS, chunk_size=CHUNK, sink_len=3, ref_len=REF_LEN, global_batch_size=2, seed=0)

@@ -1,0 +1,128 @@
+"""Retrieves the references of every 64-token chunk of a prepared split, for continued training with memory.
+
+    python tools/retrieve.py --config=configs/demo.py --data=runs/demo/data --bank=runs/demo/bank \
+        [--split=train] [--index=BANK/index] [--knowledge=embedded] [--out=DATA/retrieval-SPLIT]
+
+For each record and each chunk (chunks never cross a document boundary: m3jax/retrieval/chunks.py): the chunk's
+text is embedded (`config.retrieval.embedder`, which must be the index's), `config.retrieval.candidates`
+neighbours are searched, the leaking ones dropped, and the best `config.retrieval.refs_per_chunk` kept:
+- references cut from the record's own text (when `--knowledge` is the knowledge base the bank was written from,
+  by default the data's corpus: the knowledge split of tools/prepare_data.py; "" turns it off),
+- references whose overlap with the record (eq. 6) exceeds `config.retrieval.train_max_overlap`.
+The ids go to `--out` in blocks of records (m3jax/retrieval/retrieve.py); several processes (jax.distributed)
+take alternate blocks; a rerun finishes the missing blocks and refuses other inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+_DATA = flags.DEFINE_string("data", None, "A data directory written by tools/prepare_data.py.")
+_SPLIT = flags.DEFINE_string("split", "train", "The split to retrieve for.")
+_BANK = flags.DEFINE_string("bank", None, "The memory bank: a directory or a TensorStore kvstore URL.")
+_INDEX = flags.DEFINE_string("index", "", "The bank's index directory (default BANK/index).")
+_KNOWLEDGE = flags.DEFINE_string("knowledge", None, "The knowledge base the bank was written from (default: the "
+                                 "data's corpus); '' = unknown (no provenance filter).")
+_OUT = flags.DEFINE_string("out", "", "Output directory (default DATA/retrieval-SPLIT).")
+_BLOCK_RECORDS = flags.DEFINE_integer("block_records", 1024, "Records per output block (a new output only).")
+_BATCH_RECORDS = flags.DEFINE_integer("batch_records", 64, "Records whose chunks are embedded and searched at once.")
+_LOG_EVERY = flags.DEFINE_float("log_every_s", 10.0, "Seconds between progress lines.")
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    import jax  # after flag parsing, so jax picks up XLA_FLAGS set by launchers
+
+    from m3jax import parallel
+    from m3jax.config import validate
+    from m3jax.data.records import read_metadata
+    from m3jax.data.tokenizer import Tokenizer
+    from m3jax.memory import writer
+    from m3jax.retrieval import build
+    from m3jax.retrieval.embedder import Embedder
+    from m3jax.retrieval.index import Index
+    from m3jax.retrieval.retrieve import ChunkRetriever, Provenance, RetrievalSettings, RetrievedIds, retrieve_split
+
+    t0 = time.perf_counter()
+    config = _CONFIG.value
+    r = config.retrieval
+    try:
+        meta = read_metadata(_DATA.value)
+        config.data.seq_len = meta["seq_len"]
+        validate(config)
+        if _SPLIT.value not in meta["splits"]:
+            raise ValueError(f"split {_SPLIT.value!r} not in {_DATA.value} (splits: {sorted(meta['splits'])})")
+        parallel.initialize_distributed(config.distributed)
+        proc, nproc = jax.process_index(), jax.process_count()
+        tokenizer = Tokenizer(meta["tokenizer_path"])
+        if tokenizer.sha256 != meta["tokenizer_sha256"]:
+            raise ValueError(f"{meta['tokenizer_path']} changed since {_DATA.value} was prepared (sha256 differs)")
+        bank = build.open_bank(_BANK.value, tokenizer)
+        index_dir = _INDEX.value or build.default_index_dir(_BANK.value)
+        mesh = parallel.make_mesh(config.mesh, jax.local_devices())
+        embedder = Embedder.load(r.embedder, max_len=r.embed_max_len, batch_size=r.embed_batch_size, mesh=mesh)
+        index = Index.load(index_dir, expect_embedder=embedder.identity)
+        if index.num_vectors != bank.num_refs:
+            raise ValueError(f"index {index_dir} holds {index.num_vectors:,} vectors, the bank {bank.num_refs:,} "
+                             "references: rebuild it with tools/build_index.py")
+        knowledge = meta["corpus"] if _KNOWLEDGE.value is None else _KNOWLEDGE.value
+        provenance = None
+        if knowledge:
+            refs = writer.load_references(knowledge, tokenizer, bank.metadata["ref_len"])
+            record = writer.read_record(_BANK.value)
+            if record is None or record["references_sha256"] != refs.sha256():
+                raise ValueError(f"the bank {_BANK.value} was not written from knowledge base {knowledge!r}; give "
+                                 "--knowledge=<its knowledge base>, or --knowledge='' to retrieve without provenance")
+            provenance = Provenance.of(refs)
+        settings = RetrievalSettings.from_config(config)
+        out = _OUT.value or os.path.join(_DATA.value, f"retrieval-{_SPLIT.value}")
+        store = RetrievedIds.create(out, {
+            "data": os.path.abspath(_DATA.value), "split": _SPLIT.value,
+            "num_records": meta["splits"][_SPLIT.value]["num_records"], "seq_len": meta["seq_len"],
+            "tokenizer_sha256": meta["tokenizer_sha256"], "bank": bank.path, "num_refs": bank.num_refs,
+            "bank_checkpoint": bank.metadata["checkpoint"], "embedder": embedder.identity, "index": index.settings,
+            "provenance": provenance is not None, "block_records": _BLOCK_RECORDS.value,
+            "chunk_size": settings.chunk_size, "num_groups": settings.num_groups,
+            "refs_per_chunk": settings.refs_per_chunk, "candidates": settings.candidates,
+            "max_overlap": settings.max_overlap, "min_tokens": settings.min_tokens})
+    except (ValueError, FileNotFoundError, KeyError) as e:  # BankMismatchError, IndexMismatchError: ValueErrors
+        sys.exit(f"retrieve: {e}")
+
+    retriever = ChunkRetriever(settings, tokenizer, embedder.embed, index.search, bank.read_tokens, provenance)
+    s = retrieve_split(store, _DATA.value, _SPLIT.value, retriever, process_index=proc, process_count=nproc,
+                       batch_records=_BATCH_RECORDS.value, log=_progress, log_every_s=_LOG_EVERY.value)
+    print(f"retrieve: process {proc} of {nproc}: {s['records']:,} records ({s['blocks']} blocks), {s['chunks']:,} "
+          f"chunks, {s['queries']:,} searched, dropped {s['dropped_provenance']:,} by provenance and "
+          f"{s['dropped_overlap']:,} by overlap, {s['empty_refs']:,} chunks without a reference; "
+          f"{s['seconds']:.1f} s ({s['records_per_s']:,.2f} records/s)", flush=True)
+    if nproc > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("retrieve_done")
+    if proc == 0:
+        missing = store.missing_blocks()
+        state = "complete" if not missing else f"INCOMPLETE: {len(missing)} blocks missing"
+        print(f"retrieve: {store.directory}: {store.num_records:,} records, {state}; "
+              f"{time.perf_counter() - t0:.1f} s in all", flush=True)
+        if missing:
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "data", "bank"])
+    app.run(main)
