@@ -1,0 +1,1 @@
+"""Retrieval for explicit memory: the sentence embedder that indexes references and queries."""
