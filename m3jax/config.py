@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     r.index = "auto"  # auto | brute_force | tree_ah
     r.brute_force_max = 100_000  # auto: brute force up to this many references, tree + AH above
     r.num_leaves = 0  # tree_ah: partitions; 0 = about sqrt(references)
-    r.leaves_to_search = 0  # tree_ah: partitions searched per query; 0 = a tenth of num_leaves (at least 8)
+    r.leaves_to_search = 0  # tree_ah: partitions searched per query; 0 = a fifth of num_leaves (at least 8)
     r.ah_dims_per_block = 2  # tree_ah: asymmetric-hashing dimensions per 4-bit code
     r.reorder = 100  # tree_ah: candidates rescored exactly
     r.candidates = 20  # neighbours searched per chunk before the leakage filter

@@ -65,10 +65,10 @@ KB_DOCS = 16  # documents of the retrieval tests' knowledge base (CPU embedding 
 def memory_kb(lm_data, tmp_path_factory):
     """A knowledge split with its bank, built once per session (the retrieval and memory-pipeline tests).
 
-    Knowledge base: the first KB_DOCS documents of 1,500 to 6,000 characters of the embedded corpus, as JSONL. Data: that corpus prepared
-    with the session tokenizer at seq_len 256, 10% of the documents held out (they are only in the knowledge
-    base). Bank: every reference written by freshly initialised tests/lm_test_config.py parameters with memory
-    on (float32, bf16 codec); training them would change nothing the tests check. Returns paths and objects.
+    Knowledge base: the first KB_DOCS documents of 1,500 to 6,000 characters of the embedded corpus, as JSONL.
+    Data: that corpus prepared with the session tokenizer at seq_len 256, 10% of the documents held out (they are
+    only in the knowledge base). Bank: every reference written by freshly initialised tests/lm_test_config.py
+    parameters with memory on (float32, bf16 codec); training them would change nothing the tests check.
     """
     import json
     from pathlib import Path

@@ -24,8 +24,8 @@ def setup(memory_kb, kb_retrieval):
     from m3jax.data.tokenizer import Tokenizer
 
     bank = open_bank(memory_kb["bank"], Tokenizer(memory_kb["tokenizer"]))
-    return {"bank": bank, "bank_dir": memory_kb["bank"], "ids": RetrievedIds.open(kb_retrieval["ids"]), "data": memory_kb["data"],
-            "sink": memory_kb["sink"], "refs": memory_kb["refs"]}
+    return {"bank": bank, "bank_dir": memory_kb["bank"], "ids": RetrievedIds.open(kb_retrieval["ids"]),
+            "data": memory_kb["data"], "sink": memory_kb["sink"], "refs": memory_kb["refs"]}
 
 
 def iterator(setup, mode="bank", source=None, **kw):
@@ -68,7 +68,7 @@ def naive_reads(segment_ids, refs):
 
 
 def test_bank_batches_hold_the_retrieved_memories(setup):
-    bank, store = setup["bank"], setup["ids"]
+    store = setup["ids"]
     stored = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": setup["bank_dir"] + "/memory/"}},
                      open=True).result()
     p = len(setup["sink"])
