@@ -243,3 +243,25 @@ def test_bad_inputs_are_named(memory_kb, kb_retrieval, tmp_path):
                         f"--data={memory_kb['data']}", f"--bank={memory_kb['bank']}", f"--out={tmp_path / 'o'}",
                         "--knowledge=embedded")
     assert other_kb.returncode != 0 and "was not written from knowledge base 'embedded'" in other_kb.stderr
+
+
+def test_build_index_embeds_only_missing_blocks(memory_kb, kb_retrieval, tmp_path):
+    from m3jax.retrieval.build import vectors_dir
+    from m3jax.retrieval.index import Index
+
+    index = tmp_path / "index"
+    shutil.copytree(vectors_dir(kb_retrieval["index"]), vectors_dir(str(index)))
+    os.unlink(os.path.join(vectors_dir(str(index)), "block-000001.npy"))  # an interrupted build
+    args = ["--config=tests/lm_test_config.py", f"--bank={memory_kb['bank']}", f"--tokenizer={memory_kb['tokenizer']}",
+            f"--index={index}", "--block_refs=64"]
+    again = run_tool(memory_kb["root"], "build_index", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"embedded {min(64, len(memory_kb['refs']) - 64)} references" in again.stdout
+    queries = np.random.default_rng(0).normal(size=(16, 384)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    ids, scores = Index.load(index).search(queries, 10)
+    want_ids, want_scores = Index.load(kb_retrieval["index"]).search(queries, 10)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-6)
+    other = run_tool(memory_kb["root"], "build_index", *args[:-1], "--block_refs=32")
+    assert other.returncode != 0 and "vectors of another bank or embedder" in other.stderr

@@ -2,11 +2,11 @@
 
 A reference's text is its tokens (as the bank stores them) decoded by the tokenizer that wrote the bank. Embedding
 is sharded over processes and resumable: references are cut into blocks of `block_refs`; process p of n embeds
-blocks p, p + n, … and saves each as `vectors/block-{i:06d}.npy` (float32 [refs of the block, dim], written to a
-temporary name then renamed), so a restarted build embeds only the missing blocks. Process 0 then reads all
+blocks p, p + n, … and saves each as `INDEX-vectors/block-{i:06d}.npy` (float32 [refs of the block, dim], written
+to a temporary name then renamed), so a restarted build embeds only the missing blocks. Process 0 then reads all
 blocks, builds the searcher (`m3jax.retrieval.index.Index`, brute force or tree + AH by the settings) and saves
-it in the index directory, with the embedder's identity; the vector blocks stay beside it in `vectors/` (the
-source of a rebuild with other settings) and are checked against the embedder and bank on reuse.
+it in the index directory, with the embedder's identity; the vector blocks stay beside it (the source of a
+rebuild with other settings) and are checked against the embedder and the bank's size on reuse.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from m3jax.memory.bank import MemoryBank
 from m3jax.retrieval.embedder import Embedder
 from m3jax.retrieval.index import INDEX_DIR, Index, IndexSettings
 
-VECTORS_DIR = "vectors"
 VECTORS_META = "vectors.json"
 
 
@@ -34,6 +33,11 @@ def open_bank(path, tokenizer: Tokenizer) -> MemoryBank:
     meta = MemoryBank.read_metadata(path)
     return MemoryBank.open(path, expect_architecture=meta["architecture"], expect_tokenizer=tokenizer.sha256,
                            cache_rows=0)
+
+
+def vectors_dir(index_dir: str) -> str:
+    """Where the embedded references of an index are kept: beside it, INDEX-vectors."""
+    return index_dir.rstrip("/") + "-vectors"
 
 
 def default_index_dir(bank_path: str) -> str:
@@ -67,6 +71,16 @@ class VectorBlocks:
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
             os.replace(tmp, path)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> VectorBlocks:
+        """The vector blocks saved in `directory`, as they were embedded."""
+        path = Path(directory) / VECTORS_META
+        try:
+            meta = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} is missing: no embedded references (tools/build_index.py)") from None
+        return cls(directory, num_refs=meta["num_refs"], block_refs=meta["block_refs"], identity=meta["embedder"])
 
     @property
     def num_blocks(self) -> int:
