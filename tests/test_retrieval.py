@@ -6,10 +6,12 @@ The expensive pieces are built once per module on the session's knowledge split 
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import RETRIEVE_BLOCK_RECORDS, run_tool
+from conftest import REPO, RETRIEVE_BLOCK_RECORDS, run_tool
 
 from m3jax.retrieval import chunks
 from m3jax.retrieval.overlap import overlap
@@ -199,32 +201,29 @@ def test_retrieve_resumes_shards_and_refuses_other_settings(memory_kb, kb_retrie
 
 
 def test_two_processes_write_alternate_blocks_equal_to_one(memory_kb, kb_retrieval, tmp_path):
-    from m3jax.data.tokenizer import Tokenizer
-    from m3jax.memory.bank import MemoryBank
-    from m3jax.retrieval.build import open_bank
-    from m3jax.retrieval.embedder import Embedder
-    from m3jax.retrieval.index import Index
-    from m3jax.retrieval.retrieve import ChunkRetriever, RetrievalSettings, retrieve_split
+    """tools/retrieve.py as 2 jax.distributed processes finishing blocks 0-3: 0 and 2 by one, 1 and 3 by the other."""
+    from conftest import cli_env
+    from test_multiprocess import free_port
 
-    one = RetrievedIds.open(kb_retrieval["ids"])
-    config = memory_kb["config"]
-    tok = Tokenizer(memory_kb["tokenizer"])
-    bank = open_bank(memory_kb["bank"], tok)
-    assert isinstance(bank, MemoryBank)
-    embedder = Embedder.load(config.retrieval.embedder)
-    index = Index.load(kb_retrieval["index"], expect_embedder=embedder.identity)
-    shutil.copytree(kb_retrieval["ids"], tmp_path / "two")
-    for i in range(4):  # two processes to finish blocks 0-3: 0 and 2 for process 0, 1 and 3 for process 1
-        os.unlink(tmp_path / "two" / f"block-{i:06d}.npy")
-    store = RetrievedIds.create(tmp_path / "two", one.meta)
-    written = []
-    for p in (1, 0):
-        retriever = ChunkRetriever(RetrievalSettings.from_config(config), tok, embedder.embed, index.search,
-                                   bank.read_tokens, Provenance.of(memory_kb["refs"]))
-        s = retrieve_split(store, memory_kb["data"], "train", retriever, process_index=p, process_count=2)
-        written.append(s["blocks"])
-    assert written == [2, 2]
-    two = RetrievedIds.open(tmp_path / "two")
+    ids = tmp_path / "two"
+    shutil.copytree(kb_retrieval["ids"], ids)
+    for i in range(4):
+        os.unlink(ids / f"block-{i:06d}.npy")
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "tools/retrieve.py", "--config=tests/lm_test_config.py", f"--data={memory_kb['data']}",
+         f"--bank={memory_kb['bank']}", f"--out={ids}", f"--block_records={RETRIEVE_BLOCK_RECORDS}",
+         f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2",
+         f"--config.distributed.process_id={i}"],
+        cwd=REPO, env=cli_env(memory_kb["root"], devices=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    for i, (out, _) in enumerate(outs):
+        assert f"process {i} of 2" in out and "(2 blocks)" in out, out
+    assert "complete" in outs[0][0]
+    one, two = RetrievedIds.open(kb_retrieval["ids"]), RetrievedIds.open(ids)
     for i in range(one.num_records):
         np.testing.assert_array_equal(two[i], one[i])
 
