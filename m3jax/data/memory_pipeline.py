@@ -68,10 +68,10 @@ def _add_memories(batch: dict, *, mode: str, source) -> dict:
         out.update({CODES_PREFIX + name: x for name, x in codes.items()})
         out["memory_valid"] = positions[:, :, 0, 0, :] >= 0  # [b, M, k]: padding keys pad every layer and head
     else:
-        safe = np.maximum(ids, 0)
-        tokens, lengths = source.rows(safe.reshape(-1))
+        tokens, lengths = source.rows(np.maximum(ids, 0).reshape(-1))
         empty = (ids < 0).reshape(-1)
-        tokens[empty], lengths = -1, np.where(empty, 0, lengths)
+        tokens[empty] = -1
+        lengths = np.where(empty, 0, lengths)
         out["memory_tokens"] = tokens.reshape(*ids.shape, -1)
         out["memory_lengths"] = lengths.reshape(ids.shape).astype(np.int32)
     return out
