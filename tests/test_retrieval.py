@@ -140,7 +140,7 @@ def test_training_chunks_never_retrieve_their_own_text(memory_kb, kb_retrieval):
     recs = train_records(memory_kb)
     assert store.num_records == len(recs["inputs"]) and store.num_blocks > 2
     tokens, lengths = memory_kb["refs"].rows(np.arange(len(memory_kb["refs"])))
-    groups, _ = chunks.chunk_groups(recs["segment_ids"], 64, store.shape[0])
+    groups, _ = chunks.chunk_groups(recs["segment_ids"], 64, store.row_shape[0])
     chunks_with_refs = total_chunks = 0
     for i in range(store.num_records):
         ids = store[i]  # [G, 1]

@@ -22,8 +22,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from m3jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _BANK = flags.DEFINE_string("bank", None, "The memory bank: a directory or a TensorStore kvstore URL.")
@@ -33,15 +35,11 @@ _BLOCK_REFS = flags.DEFINE_integer("block_refs", 4096, "References per saved vec
 _LOG_EVERY = flags.DEFINE_float("log_every_s", 10.0, "Seconds between progress lines.")
 
 
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+_PROGRESS = cli.progress("build_index: ")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     import jax  # after flag parsing, so jax picks up XLA_FLAGS set by launchers
 
     from m3jax import parallel
@@ -70,13 +68,10 @@ def main(argv):
         sys.exit(f"build_index: {e}")
 
     s = build.embed_references(blocks, bank, tokenizer, embedder, process_index=proc, process_count=nproc,
-                               log=_progress, log_every_s=_LOG_EVERY.value)
+                               log=_PROGRESS, log_every_s=_LOG_EVERY.value)
     print(f"build_index: process {proc} of {nproc}: embedded {s['refs']:,} references in {s['seconds']:.1f} s "
           f"({s['refs_per_s']:,.1f}/s) with {embedder.identity['name']}", flush=True)
-    if nproc > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("build_index_embedded")
+    cli.barrier("build_index_embedded")
     if proc == 0:
         t1 = time.perf_counter()
         try:

@@ -24,9 +24,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from m3jax import cli  # noqa: E402
 from m3jax.checkpoint import CheckpointError, load_config, load_params, resolve_step_dir  # noqa: E402
 from m3jax.data.corpus import load_corpus  # noqa: E402
 from m3jax.data.records import read_metadata  # noqa: E402
@@ -81,10 +82,7 @@ def render(s: dict, setup: dict, codec_effects: dict) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs every restore at INFO
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     t0 = time.perf_counter()
     config = _CONFIG.value
     try:

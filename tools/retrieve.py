@@ -21,8 +21,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from m3jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _DATA = flags.DEFINE_string("data", None, "A data directory written by tools/prepare_data.py.")
@@ -37,15 +39,11 @@ _BATCH_RECORDS = flags.DEFINE_integer("batch_records", 64, "Records whose chunks
 _LOG_EVERY = flags.DEFINE_float("log_every_s", 10.0, "Seconds between progress lines.")
 
 
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+_PROGRESS = cli.progress("retrieve: ")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     import jax  # after flag parsing, so jax picks up XLA_FLAGS set by launchers
 
     from m3jax import parallel
@@ -105,15 +103,12 @@ def main(argv):
 
     retriever = ChunkRetriever(settings, tokenizer, embedder.embed, index.search, bank.read_tokens, provenance)
     s = retrieve_split(store, _DATA.value, _SPLIT.value, retriever, process_index=proc, process_count=nproc,
-                       batch_records=_BATCH_RECORDS.value, log=_progress, log_every_s=_LOG_EVERY.value)
+                       batch_records=_BATCH_RECORDS.value, log=_PROGRESS, log_every_s=_LOG_EVERY.value)
     print(f"retrieve: process {proc} of {nproc}: {s['records']:,} records ({s['blocks']} blocks), {s['chunks']:,} "
           f"chunks, {s['queries']:,} searched, dropped {s['dropped_provenance']:,} by provenance and "
           f"{s['dropped_overlap']:,} by overlap, {s['empty_refs']:,} chunks without a reference; "
           f"{s['seconds']:.1f} s ({s['records_per_s']:,.2f} records/s)", flush=True)
-    if nproc > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("retrieve_done")
+    cli.barrier("retrieve_done")
     if proc == 0:
         missing = store.missing_blocks()
         state = "complete" if not missing else f"INCOMPLETE: {len(missing)} blocks missing"

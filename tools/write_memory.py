@@ -29,8 +29,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from m3jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A run's workdir, its checkpoint directory or one step.")
@@ -49,15 +51,11 @@ _ALLOW_OTHER = flags.DEFINE_bool("allow_other_checkpoint", False, "Accept an exi
 _LOG_EVERY = flags.DEFINE_float("log_every_s", 10.0, "Seconds between progress lines.")
 
 
-def _progress(line: str) -> None:
-    print(f"write_memory: {line}", file=sys.stderr, flush=True)
+_PROGRESS = cli.progress("write_memory: ")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs every restore at INFO
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     import jax  # after flag parsing, so jax picks up XLA_FLAGS set by launchers
 
     from m3jax import parallel
@@ -110,7 +108,7 @@ def main(argv):
             print(f"write_memory: {bank.path} is complete ({bank.num_refs:,} refs, written by checkpoint "
                   f"{bank.metadata['checkpoint']}); accepted as it is, nothing written")
             return
-        _progress(f"{len(refs):,} references of {len(refs.doc_ids):,} documents "
+        _PROGRESS(f"{len(refs):,} references of {len(refs.doc_ids):,} documents "
                   f"({int(refs.lengths.sum()):,} tokens); checkpoint {checkpoint}; bank {bank.path}")
 
         _, abstract, specs = abstract_model(cfg)
@@ -122,16 +120,13 @@ def main(argv):
 
     s = writer.write_references(bank, params, cfg, refs, sink, k=mem.k, batch_size=_BATCH_SIZE.value,
                                 window_refs=window_refs, mesh=mesh, rules=rules, process_index=proc,
-                                process_count=nproc, log_every_s=_LOG_EVERY.value, log=_progress)
+                                process_count=nproc, log_every_s=_LOG_EVERY.value, log=_PROGRESS)
     rate = f"{s['refs_per_s']:,.1f} refs/s" if s["refs_per_s"] else "-"
     if s["refs_per_s_after_first_batch"]:
         rate += f" ({s['refs_per_s_after_first_batch']:,.1f} after the first batch)"
     print(f"write_memory: process {proc} of {nproc}: wrote {s['refs']:,} refs of [{s['slice'][0]}, {s['slice'][1]}) "
           f"in {s['batches']} batches, {s['bytes'] / 1e6:,.2f} MB, {s['seconds']:.1f} s, {rate}", flush=True)
-    if nproc > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("write_memory_done")
+    cli.barrier("write_memory_done")
     if proc == 0:
         missing = sum(b - a for a, b in bank.unwritten_ranges())
         per_ref = sum(bank_lib.bytes_per_reference(bank.codec, bank.metadata["architecture"]).values())

@@ -32,7 +32,7 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-from m3jax.data.pipeline import _global_records, _local_batch_size, _process_batches
+from m3jax.data.pipeline import _global_records, _iterator, _local_batch_size, _process_batches
 from m3jax.data.records import read_metadata
 from m3jax.memory.bank import MemoryBank
 from m3jax.memory.codecs import get_codec
@@ -126,10 +126,7 @@ def make_memory_iterator(
                                   context_start=sink_len + ref_len))
     ds = _process_batches(ds, local, process_index, process_count)
     ds = ds.map(functools.partial(_add_memories, mode=mode, source=source))
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
-    if worker_count > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(it_ds)
+    return _iterator(ds, prefetch, worker_count)
 
 
 def device_memory(batch: Mapping[str, jnp.ndarray], codec: str, sink_tokens, dtype=jnp.bfloat16) -> Memory:

@@ -87,7 +87,11 @@ def make_lm_iterator(
     """
     local = _local_batch_size(global_batch_size, process_index, process_count)
     ds = _global_records(data_dir, split, global_batch_size, seed, num_epochs, shuffle)
-    ds = _process_batches(ds, local, process_index, process_count)
+    return _iterator(_process_batches(ds, local, process_index, process_count), prefetch, worker_count)
+
+
+def _iterator(ds: grain.MapDataset, prefetch: int, worker_count: int) -> grain.DatasetIterator:
+    """Iterates `ds` with `prefetch` read threads (as many elements ahead), plus `worker_count` worker processes."""
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
     if worker_count > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))

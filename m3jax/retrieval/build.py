@@ -11,7 +11,6 @@ rebuild with other settings) and are checked against the embedder and the bank's
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import numpy as np
 
 from m3jax.data.tokenizer import Tokenizer
 from m3jax.memory.bank import MemoryBank
+from m3jax.retrieval.blocks import Blocks, create_meta, read_meta
 from m3jax.retrieval.embedder import Embedder
 from m3jax.retrieval.index import INDEX_DIR, Index, IndexSettings
 
@@ -52,85 +52,43 @@ def reference_texts(bank: MemoryBank, tokenizer: Tokenizer, ids: np.ndarray) -> 
     return [tokenizer.decode(row[row >= 0]) for row in bank.read_tokens(np.asarray(ids, np.int64))]
 
 
-class VectorBlocks:
-    """The embedded references of a bank, in blocks (the module docstring)."""
+class VectorBlocks(Blocks):
+    """The embedded references of a bank: float32 [num_refs, dim] in blocks (the module docstring)."""
 
     def __init__(self, directory: str | os.PathLike, *, num_refs: int, block_refs: int, identity: dict[str, Any]):
-        self.directory = Path(directory)
-        self.num_refs, self.block_refs = num_refs, block_refs
-        meta = {"num_refs": num_refs, "block_refs": block_refs, "embedder": identity}
-        path = self.directory / VECTORS_META
-        if path.exists():
-            theirs = json.loads(path.read_text())
-            if theirs != meta:
-                diffs = [k for k in meta if theirs.get(k) != meta[k]]
-                raise ValueError(f"{path} holds vectors of another bank or embedder (differs in {diffs}); "
-                                 f"delete {self.directory} to embed again")
-        else:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+        super().__init__(directory, num_rows=num_refs, block_rows=block_refs, row_shape=(int(identity["dim"]),),
+                         dtype=np.float32)
+        create_meta(self.directory / VECTORS_META, {"num_refs": num_refs, "block_refs": block_refs,
+                                                    "embedder": identity},
+                    what="vectors of another bank or embedder", remedy=f"delete {self.directory} to embed again")
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> VectorBlocks:
         """The vector blocks saved in `directory`, as they were embedded."""
-        path = Path(directory) / VECTORS_META
-        try:
-            meta = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} is missing: no embedded references (tools/build_index.py)") from None
+        meta = read_meta(Path(directory) / VECTORS_META, missing_hint="no embedded references (tools/build_index.py)")
         return cls(directory, num_refs=meta["num_refs"], block_refs=meta["block_refs"], identity=meta["embedder"])
 
-    @property
-    def num_blocks(self) -> int:
-        return -(-self.num_refs // self.block_refs)
-
-    def path(self, i: int) -> Path:
-        return self.directory / f"block-{i:06d}.npy"
-
-    def range(self, i: int) -> tuple[int, int]:
-        return i * self.block_refs, min((i + 1) * self.block_refs, self.num_refs)
-
-    def missing(self, blocks=None) -> list[int]:
-        return [i for i in (range(self.num_blocks) if blocks is None else blocks) if not self.path(i).exists()]
-
-    def write(self, i: int, vectors: np.ndarray) -> None:
-        tmp = self.directory / f".block-{i:06d}.tmp{os.getpid()}.npy"
-        np.save(tmp, vectors.astype(np.float32))
-        os.replace(tmp, self.path(i))
-
-    def read_all(self, dim: int) -> np.ndarray:
+    def read_all(self) -> np.ndarray:
         """Every reference's vector [num_refs, dim]; a missing or malformed block is an error naming it."""
-        out = np.empty((self.num_refs, dim), np.float32)
-        for i in range(self.num_blocks):
-            a, b = self.range(i)
-            try:
-                block = np.load(self.path(i))
-            except (OSError, ValueError) as e:
-                raise ValueError(f"cannot read vector block {self.path(i)}: {e}") from e
-            if block.shape != (b - a, dim):
-                raise ValueError(f"vector block {self.path(i)} has shape {block.shape}, expected {(b - a, dim)}")
-            out[a:b] = block
-        return out
+        return np.concatenate([self.read_block(i) for i in range(self.num_blocks)])
 
 
 def embed_references(blocks: VectorBlocks, bank: MemoryBank, tokenizer: Tokenizer, embedder: Embedder, *,
                      process_index: int = 0, process_count: int = 1, log: Callable[[str], None] = print,
                      log_every_s: float = 10.0) -> dict[str, Any]:
     """Embeds this process's missing blocks (p, p + n, …); returns {"refs", "seconds", "refs_per_s"}."""
-    todo = blocks.missing(range(process_index, blocks.num_blocks, process_count))
-    total = sum(b - a for a, b in map(blocks.range, todo))
+    todo = blocks.process_blocks(process_index, process_count)
+    total = sum(b - a for a, b in map(blocks.block_range, todo))
     t0 = last = time.perf_counter()
     done = 0
     for i in todo:
-        a, b = blocks.range(i)
-        blocks.write(i, embedder.embed(reference_texts(bank, tokenizer, np.arange(a, b))))
+        a, b = blocks.block_range(i)
+        blocks.write_block(i, embedder.embed(reference_texts(bank, tokenizer, np.arange(a, b))))
         done += b - a
         if time.perf_counter() - last > log_every_s:
             last = time.perf_counter()
             rate = done / (last - t0)
-            log(f"build_index: process {process_index}: embedded {done:,}/{total:,} references, {rate:,.1f}/s, "
+            log(f"process {process_index}: embedded {done:,}/{total:,} references, {rate:,.1f}/s, "
                 f"eta {(total - done) / max(rate, 1e-9):,.0f} s")
     seconds = time.perf_counter() - t0
     return {"refs": done, "seconds": seconds, "refs_per_s": done / seconds if done else 0.0}
@@ -139,7 +97,7 @@ def embed_references(blocks: VectorBlocks, bank: MemoryBank, tokenizer: Tokenize
 def build_index(blocks: VectorBlocks, embedder: Embedder, settings: IndexSettings, index_dir, *,
                 max_k: int = 64) -> Index:
     """The searcher over every block's vectors, saved in `index_dir` (replacing an index there)."""
-    vectors = blocks.read_all(embedder.dim)
+    vectors = blocks.read_all()
     index = Index.build(vectors, settings, embedder=embedder.identity, max_k=max_k)
     index.save(index_dir)
     return index

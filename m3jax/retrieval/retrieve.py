@@ -23,7 +23,6 @@ blocks that are missing. Process p of n takes blocks p, p + n, …: no coordinat
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +34,7 @@ import numpy as np
 from m3jax.data.records import split_source
 from m3jax.data.tokenizer import Tokenizer
 from m3jax.retrieval import chunks
+from m3jax.retrieval.blocks import Blocks, create_meta, read_meta
 from m3jax.retrieval.overlap import leaking
 
 META_FILE = "retrieval.json"
@@ -160,51 +160,32 @@ class ChunkRetriever:
 
 
 # ------------------------------------------------------------------------------------------------ storage
-class RetrievedIds:
+class RetrievedIds(Blocks):
     """The reference ids per chunk of a split's records (the module docstring's directory)."""
 
     def __init__(self, directory: str | os.PathLike, meta: Mapping[str, Any]):
-        self.directory = Path(directory)
         self.meta = dict(meta)
-        self.block_records = int(meta["block_records"])
-        self.num_records = int(meta["num_records"])
-        self.shape = (int(meta["num_groups"]), int(meta["refs_per_chunk"]))
+        super().__init__(directory, num_rows=meta["num_records"], block_rows=meta["block_records"],
+                         row_shape=(int(meta["num_groups"]), int(meta["refs_per_chunk"])), dtype=np.int32)
         self._blocks: dict[int, np.ndarray] = {}
 
     @property
-    def num_blocks(self) -> int:
-        return -(-self.num_records // self.block_records)
-
-    def block_path(self, i: int) -> Path:
-        return self.directory / f"block-{i:06d}.npy"
-
-    def block_range(self, i: int) -> tuple[int, int]:
-        return i * self.block_records, min((i + 1) * self.block_records, self.num_records)
+    def num_records(self) -> int:
+        return self.num_rows
 
     @classmethod
     def create(cls, directory, meta: Mapping[str, Any]) -> RetrievedIds:
         """A new store, or the existing one at `directory` when it holds the same retrieval (a resumed run)."""
-        directory = Path(directory)
-        meta = {"format": FORMAT, **meta}
-        path = directory / META_FILE
-        if path.exists():
-            theirs = _read_meta(path)
-            diffs = [f"{k}: stored {theirs.get(k)!r}, now {meta[k]!r}" for k in meta if theirs.get(k) != meta[k]]
-            if diffs:
-                raise ValueError(f"{path} holds another retrieval ({'; '.join(diffs)}); give a new --out or "
-                                 "rerun with its inputs")
-            return cls(directory, theirs)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        meta = create_meta(Path(directory) / META_FILE, {"format": FORMAT, **meta}, what="another retrieval",
+                           remedy="give a new --out or rerun with its inputs")
         return cls(directory, meta)
 
     @classmethod
     def open(cls, directory, *, expect: Mapping[str, Any] | None = None) -> RetrievedIds:
         """A complete store; `expect`: metadata fields that must equal (e.g. the data's num_records, seq_len)."""
         directory = Path(directory)
-        meta = _read_meta(directory / META_FILE)
+        meta = read_meta(directory / META_FILE, missing_hint="not a directory of retrieved ids (write one with "
+                         "tools/retrieve.py)")
         diffs = [f"{k}: stored {meta.get(k)!r}, expected {v!r}" for k, v in (expect or {}).items() if meta.get(k) != v]
         if diffs:
             raise ValueError(f"retrieved ids {directory} do not fit: {'; '.join(diffs)}")
@@ -216,46 +197,13 @@ class RetrievedIds:
                                     "tools/retrieve.py to finish them")
         return store
 
-    def missing_blocks(self, blocks=None) -> list[int]:
-        return [i for i in (range(self.num_blocks) if blocks is None else blocks) if not self.block_path(i).exists()]
-
-    def write_block(self, i: int, ids: np.ndarray) -> None:
-        a, b = self.block_range(i)
-        if ids.shape != (b - a, *self.shape):
-            raise ValueError(f"block {i} of {self.directory}: ids of shape {ids.shape}, expected "
-                             f"{(b - a, *self.shape)}")
-        tmp = self.directory / f".block-{i:06d}.tmp{os.getpid()}.npy"
-        np.save(tmp, ids.astype(np.int32))
-        os.replace(tmp, self.block_path(i))
-
-    def _block(self, i: int) -> np.ndarray:
-        if i not in self._blocks:
-            path = self.block_path(i)
-            try:
-                block = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise ValueError(f"cannot read {path}: {e}") from e
-            a, b = self.block_range(i)
-            if block.shape != (b - a, *self.shape) or block.dtype != np.int32:
-                raise ValueError(f"{path} holds {block.dtype} {block.shape}, expected int32 {(b - a, *self.shape)}")
-            self._blocks[i] = block
-        return self._blocks[i]
-
     def __getitem__(self, record: int) -> np.ndarray:
         """The ids [G, R] of a record of the split (indices past its length wrap, as grain's repeat gives them)."""
         record = int(record) % self.num_records
-        i = record // self.block_records
-        return np.asarray(self._block(i)[record - i * self.block_records])
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: not a directory of retrieved ids "
-                                "(write one with tools/retrieve.py)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        i = record // self.block_rows
+        if i not in self._blocks:
+            self._blocks[i] = self.read_block(i, mmap=True)
+        return np.asarray(self._blocks[i][record - i * self.block_rows])
 
 
 def retrieve_split(store: RetrievedIds, data_dir, split: str, retriever: ChunkRetriever, *, process_index: int = 0,
@@ -263,7 +211,7 @@ def retrieve_split(store: RetrievedIds, data_dir, split: str, retriever: ChunkRe
                    log_every_s: float = 10.0) -> dict[str, Any]:
     """Writes this process's missing blocks (p, p + n, …) of `store` for `split` of `data_dir`; returns stats."""
     source, decode = split_source(data_dir, split)
-    todo = store.missing_blocks(range(process_index, store.num_blocks, process_count))
+    todo = store.process_blocks(process_index, process_count)
     t0 = last = time.perf_counter()
     done_records = 0
     total = sum(b - a for a, b in map(store.block_range, todo))
@@ -278,7 +226,7 @@ def retrieve_split(store: RetrievedIds, data_dir, split: str, retriever: ChunkRe
             if time.perf_counter() - last > log_every_s:
                 last = time.perf_counter()
                 rate = done_records / (last - t0)
-                log(f"retrieve: process {process_index}: {done_records:,}/{total:,} records, {rate:,.1f} records/s, "
+                log(f"process {process_index}: {done_records:,}/{total:,} records, {rate:,.1f} records/s, "
                     f"eta {(total - done_records) / max(rate, 1e-9):,.0f} s")
         store.write_block(i, np.concatenate(parts))
     seconds = time.perf_counter() - t0

@@ -66,7 +66,7 @@ def main(argv):
     t0 = time.perf_counter()
     exact, _ = index.search(queries, max(KS))
     search_ms = (time.perf_counter() - t0) / len(texts) * 1e3
-    vectors = build.VectorBlocks.open(build.vectors_dir(index_dir)).read_all(embedder.dim)
+    vectors = build.VectorBlocks.open(build.vectors_dir(index_dir)).read_all()
     tree_settings = dataclasses.replace(IndexSettings.from_config(r), kind="tree_ah")
     tree = Index.build(vectors, tree_settings, embedder=embedder.identity)
     t0 = time.perf_counter()
