@@ -60,7 +60,7 @@ def main(argv):
         bank = build.open_bank(_BANK.value, tokenizer)
         index_dir = _INDEX.value or build.default_index_dir(_BANK.value)
         mesh = parallel.make_mesh(config.mesh, jax.local_devices())
-        embedder = Embedder.load(r.embedder, max_len=r.embed_max_len, batch_size=r.embed_batch_size, mesh=mesh)
+        embedder = Embedder.from_config(r, mesh)
         blocks = build.VectorBlocks(build.vectors_dir(index_dir), num_refs=bank.num_refs,
                                     block_refs=_BLOCK_REFS.value, identity=embedder.identity)
         settings = IndexSettings.from_config(r)

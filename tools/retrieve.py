@@ -73,7 +73,7 @@ def main(argv):
         bank = build.open_bank(_BANK.value, tokenizer)
         index_dir = _INDEX.value or build.default_index_dir(_BANK.value)
         mesh = parallel.make_mesh(config.mesh, jax.local_devices())
-        embedder = Embedder.load(r.embedder, max_len=r.embed_max_len, batch_size=r.embed_batch_size, mesh=mesh)
+        embedder = Embedder.from_config(r, mesh)
         index = Index.load(index_dir, expect_embedder=embedder.identity)
         if index.num_vectors != bank.num_refs:
             raise ValueError(f"index {index_dir} holds {index.num_vectors:,} vectors, the bank {bank.num_refs:,} "

@@ -225,6 +225,12 @@ class Embedder:
         self.batch_size = _round_up(batch_size, self._shards)
 
     @classmethod
+    def from_config(cls, retrieval, mesh: Mesh | None = None) -> Embedder:
+        """The embedder of `config.retrieval` (embedder, embed_max_len, embed_batch_size)."""
+        return cls.load(retrieval.embedder, max_len=retrieval.embed_max_len, batch_size=retrieval.embed_batch_size,
+                        mesh=mesh)
+
+    @classmethod
     def load(cls, spec: str, *, max_len: int = 256, batch_size: int = 64, mesh: Mesh | None = None,
              dtype: Any = jnp.float32) -> Embedder:
         """Loads a packaged model by name (see `PACKAGED`) or a local HF directory; `dtype` is the compute and

@@ -50,7 +50,7 @@ def main(argv):
     tok = Tokenizer(_TOKENIZER.value)
     bank = build.open_bank(_BANK.value, tok)
     index_dir = _INDEX.value or build.default_index_dir(_BANK.value)
-    embedder = Embedder.load(r.embedder, max_len=r.embed_max_len, batch_size=r.embed_batch_size)
+    embedder = Embedder.from_config(r)
     index = Index.load(index_dir, expect_embedder=embedder.identity)
     rng = np.random.default_rng(_SEED.value)
     tokens = bank.read_tokens(np.arange(bank.num_refs))
