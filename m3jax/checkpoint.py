@@ -4,19 +4,29 @@ Layout: `{workdir}/checkpoints/{step}/{state,data,config,loop}`: the train state
 iterator's state, the config, and the loop's host-side state (the spike guard's statistics and rescue log).
 
 A checkpoint that exists but cannot be restored is an error naming it (`CheckpointError`): the run stops, the
-checkpoint is left as it is, and nothing restarts from step 0 over it. Evaluation jobs and exporters load
-parameters with `load_params` without the training loop.
+checkpoint is left as it is, and nothing restarts from step 0 over it.
+
+Jobs other than training (memory writing, evaluation, export) load a checkpoint with `load_model`: its
+parameters placed on the job's mesh, its model config, the config it was saved with and its identity, after
+checking that the job's model config describes the checkpoint's model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import Mesh
+
+from m3jax import parallel
+from m3jax.model import params as params_lib
+from m3jax.model.config import ARCHITECTURE_FIELDS, ModelConfig
 
 ITEMS = ("state", "data", "config", "loop")
 
@@ -143,3 +153,60 @@ def load_config(path: str | os.PathLike) -> dict:
     step_dir = resolve_step_dir(path)
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
         return ckptr.restore(step_dir / "config")
+
+
+def checkpoint_identity(step_dir: epath.Path, saved_config: Mapping[str, Any]) -> dict[str, Any]:
+    """{run_id, step} of a checkpoint step directory (…/WORKDIR/checkpoints/STEP): run_id is the run_name saved
+    with it, else the workdir's name."""
+    run_id = saved_config.get("run_name") or step_dir.parent.parent.name
+    return {"run_id": str(run_id), "step": int(step_dir.name)}
+
+
+def check_architecture(model_cfg: Mapping[str, Any], saved_config: Mapping[str, Any], where: str = "") -> None:
+    """`model_cfg` (a job's config.model) must describe the checkpoint's model: each of `ARCHITECTURE_FIELDS`
+    that the checkpoint's config saved is equal; otherwise a CheckpointError naming the key and both values."""
+    saved = saved_config.get("model", {})
+    for key in ARCHITECTURE_FIELDS:
+        if key in saved and saved[key] != model_cfg[key]:
+            raise CheckpointError(f"config.model.{key}={model_cfg[key]!r} but the checkpoint{where} was trained with "
+                                  f"{saved[key]!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A checkpoint's parameters, loaded for a job."""
+
+    params: Any  # pure dict, placed on the job's mesh
+    model_config: ModelConfig
+    saved_config: dict  # the config the checkpoint was saved with
+    step_dir: epath.Path
+    identity: dict[str, Any]  # {run_id, step}
+
+
+def load_model(path: str | os.PathLike, config=None, *, mesh: Mesh | None = None) -> LoadedModel:
+    """The parameters of a checkpoint (a run's workdir, its checkpoint directory, or one step) for a job.
+
+    config: the job's config (a ConfigDict). Its `model` must describe the checkpoint's model (`vocab_size = -1`
+    is filled in from the checkpoint, in place), and its `memory` gives the memory geometry; its logical axis
+    rules place the parameters on `mesh`. Without a config, the checkpoint's own config says everything.
+    mesh: the job's devices (default: everything on the first local device).
+    """
+    step_dir = resolve_step_dir(path)
+    saved = load_config(step_dir)
+    where = f" {step_dir}"
+    if config is not None:
+        if config.model.vocab_size == -1:
+            with config.unlocked():
+                config.model.vocab_size = int(saved["model"]["vocab_size"])
+        check_architecture(config.model, saved, where)
+        model_cfg = ModelConfig.from_config(config.model, config.memory)
+        rules = config.logical_axis_rules
+    else:
+        memory = saved.get("memory")
+        # A config saved before memory.heads existed: its memory section still describes the geometry.
+        memory = {**memory, "heads": memory.get("heads", True)} if memory else None
+        model_cfg = ModelConfig.from_config(saved["model"], memory)
+        rules = saved.get("logical_axis_rules", parallel.DEFAULT_LOGICAL_AXIS_RULES)
+    params = load_params(step_dir, params_lib.abstract_on_mesh(model_cfg, mesh, rules))
+    return LoadedModel(params=params, model_config=model_cfg, saved_config=saved, step_dir=step_dir,
+                       identity=checkpoint_identity(step_dir, saved))

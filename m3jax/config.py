@@ -10,31 +10,11 @@ from __future__ import annotations
 
 import ml_collections
 
-# The mesh axes, outermost first. `data` is pure data parallelism, `fsdp` shards parameters and optimiser state
-# along with the batch, `tensor` shards heads and the MLP width.
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# Logical axis name -> mesh axes. One table maps every parameter and main activation (MaxText-style).
-DEFAULT_LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("seq", None),
-    ("embed", "fsdp"),
-    ("act_embed", None),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("norm", None),
-)
+from m3jax.parallel import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
 
 REMAT_POLICIES = ("none", "full", "dots")
 SCHEDULES = ("wsd", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
-INDEX_KINDS = ("auto", "brute_force", "tree_ah")
-LAYOUTS = ("paper", "per_chunk")
-MEMORY_MODES = ("bank", "online")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -62,10 +42,14 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = "none"  # none | full | dots
     m.scan_layers = True
 
-    # Explicit memory (Memory3). Off: the plain model (the warm-up stage). See docs/memory.md.
+    # Explicit memory (Memory3, docs/memory.md). Two settings: whether the model *has* memory heads (its geometry:
+    # which layers and KV heads read memory, how many tokens a memory keeps, ...; a warm-up model has them too, so
+    # its checkpoint can write a bank), and whether this *run reads* memory (the continued stage). A model with
+    # heads but no memory input is exactly the plain model.
     c.memory = ml_collections.ConfigDict()
     mem = c.memory
-    mem.enabled = False
+    mem.heads = True  # the model has memory heads (the geometry below); False = a plain Transformer
+    mem.read = False  # this run's batches carry memories (requires heads)
     mem.layers = "first_half"  # 'first_half' | 'all' | comma-separated layer indices
     mem.kv_heads = "all"  # 'all' | comma-separated KV-head indices: the memory heads, shared by all memory layers
     mem.ref_len = 128  # tokens of a reference after the sink
@@ -90,10 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
     r.candidates = 20  # neighbours searched per chunk before the leakage filter
     r.min_chunk_tokens = 16  # a shorter chunk (a document's tail) retrieves nothing of its own
     r.train_max_overlap = 0.9  # training drops references with overlap > this with the sequence (eq. 6)
-    r.eval_max_overlap = 2 / 3  # evaluation drops references with overlap > this with the question
     r.refs_per_chunk = 1  # references kept per chunk (the paper's training layout: 1)
     r.layout = "paper"  # paper: a chunk reads its own + the previous per_chunk-1 chunks' references | per_chunk
-    r.ids_path = ""  # reference ids per chunk, written by tools/retrieve.py beside the training data
+    r.ids_path = ""  # reference ids per chunk (tools/retrieve.py); "" = DATA/retrieval-SPLIT beside the data
     r.mode = "bank"  # bank: memories gathered from the bank | online: reference tokens, encoded in the step
 
     c.mesh = ml_collections.ConfigDict()
@@ -182,6 +165,12 @@ def _check(ok: bool, key: str, msg: str) -> None:
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks values against each other. `num_devices` (the global count) enables the mesh check."""
+    # The rooms that own a setting's values say what they are (imported here: loading a config stays light).
+    from m3jax.memory.layout import LAYOUTS
+    from m3jax.memory_pipeline import MODES as MEMORY_MODES
+    from m3jax.model.config import resolve_memory_kv_heads, resolve_memory_layers
+    from m3jax.retrieval.index import INDEX_KINDS
+
     m = c.model
     for key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_multiple"):
         _check(int(m[key]) > 0, f"model.{key}", f"must be positive, got {m[key]}")
@@ -200,9 +189,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     for key in ("ref_len", "k", "chunk_size", "per_chunk"):
         _check(int(mem[key]) > 0, f"memory.{key}", f"must be positive, got {mem[key]}")
     _check(mem.k <= mem.ref_len, "memory.k", f"{mem.k} tokens kept of a {mem.ref_len}-token reference")
-    if mem.enabled:
-        from m3jax.model.config import resolve_memory_kv_heads, resolve_memory_layers
-
+    _check(mem.heads or not mem.read, "memory.read", "a run that reads memory needs a model with memory heads "
+           "(memory.heads=True)")
+    if mem.heads:
         for resolve, spec, count in ((resolve_memory_layers, mem.layers, m.num_layers),
                                      (resolve_memory_kv_heads, mem.kv_heads, m.num_kv_heads)):
             try:
@@ -217,8 +206,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     for key in ("embed_max_len", "embed_batch_size", "candidates", "refs_per_chunk", "ah_dims_per_block",
                 "min_chunk_tokens"):
         _check(int(r[key]) > 0, f"retrieval.{key}", f"must be positive, got {r[key]}")
-    for key in ("train_max_overlap", "eval_max_overlap"):
-        _check(0.0 < r[key] <= 1.0, f"retrieval.{key}", f"must be in (0, 1], got {r[key]}")
+    _check(0.0 < r.train_max_overlap <= 1.0, "retrieval.train_max_overlap",
+           f"must be in (0, 1], got {r.train_max_overlap}")
     _check(r.refs_per_chunk <= r.candidates, "retrieval.refs_per_chunk",
            f"{r.refs_per_chunk} kept of retrieval.candidates={r.candidates} searched")
     if r.layout == "paper":
@@ -287,3 +276,58 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         _check(micro % data_par == 0, "data.global_batch_size",
                f"the micro-batch {micro} (global_batch_size / grad_accum_steps) is not divisible by the "
                f"data-parallel degree data*fsdp={data_par}")
+
+
+def resolve(c: ml_collections.ConfigDict, *, saved: dict | None = None, log=None) -> dict | None:
+    """Settles, in place and once, the values a config leaves to what it runs on; returns the data's metadata.
+
+    - `model.vocab_size = -1`: from `saved` (the config saved with a checkpoint the job loads) when given, else
+      from the data's tokenizer (`data.path`).
+    - With `data.path`: the data must hold `data.seq_len`-token records and a vocabulary the model covers, and
+      its training split at least one global batch (an error naming the key otherwise). The held-out split's
+      size settles the held-out loss: `train.eval_batches` is cut to the global batches it holds, and a run
+      whose held-out split is missing or smaller than one global batch evaluates nothing; `log` (default
+      absl's warning) says so.
+    """
+    from absl import logging
+
+    from m3jax.data.records import read_metadata
+
+    log = log or logging.warning
+    if saved is not None and c.model.vocab_size == -1:
+        with c.unlocked():
+            c.model.vocab_size = int(saved["model"]["vocab_size"])
+    if not c.data.path:
+        return None
+    meta = read_metadata(c.data.path)
+    with c.unlocked():
+        if c.model.vocab_size == -1:
+            c.model.vocab_size = int(meta["vocab_size"])
+    where = f"the data {c.data.path}"
+    _check(int(meta["seq_len"]) == c.data.seq_len, "data.seq_len",
+           f"{c.data.seq_len}, but {where} holds sequences of {meta['seq_len']}: set --config.data.seq_len="
+           f"{meta['seq_len']}")
+    _check(c.model.vocab_size >= meta["vocab_size"], "model.vocab_size",
+           f"{c.model.vocab_size} is smaller than the vocabulary ({meta['vocab_size']}) of the tokenizer that wrote "
+           f"{where}: use -1 to take it from the data")
+    splits, batch = meta["splits"], int(c.data.global_batch_size)
+    if c.data.train_split not in splits:
+        raise ConfigError(f"config.data.train_split: {c.data.train_split!r} is not a split of {where} "
+                          f"(splits: {sorted(splits)})")
+    train_records = int(splits[c.data.train_split]["num_records"])
+    _check(train_records >= batch, "data.global_batch_size",
+           f"{batch}, but split {c.data.train_split!r} of {where} holds {train_records} records: lower it")
+    if c.train.eval_every:
+        held = int(splits.get(c.data.eval_split, {}).get("num_records", 0))
+        available = held // batch
+        if available == 0:
+            log(f"config.train.eval_every: held-out split {c.data.eval_split!r} of {where} holds {held} records, "
+                f"less than one global batch of {batch}: no held-out loss in this run")
+            with c.unlocked():
+                c.train.eval_every = 0
+        elif available < c.train.eval_batches:
+            log(f"config.train.eval_batches: held-out split {c.data.eval_split!r} of {where} holds {available} "
+                f"global batches of {batch}; evaluating on {available}, not {c.train.eval_batches}")
+            with c.unlocked():
+                c.train.eval_batches = available
+    return meta

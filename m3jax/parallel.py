@@ -17,7 +17,24 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from m3jax.config import MESH_AXES
+# The mesh axes, outermost first. `data` is pure data parallelism, `fsdp` shards parameters and optimiser state
+# along with the batch, `tensor` shards heads and the MLP width.
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axes. One table maps every parameter and main activation (MaxText-style).
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("embed", "fsdp"),
+    ("act_embed", None),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 

@@ -79,9 +79,10 @@ def memory_kb(lm_data, tmp_path_factory):
     from m3jax.data.prepare import prepare
     from m3jax.data.tokenizer import Tokenizer
     from m3jax.memory import bank as bank_lib
+    from m3jax.memory import knowledge as knowledge_lib
     from m3jax.memory import writer
     from m3jax.model.config import ModelConfig
-    from m3jax.train.step import init_params
+    from m3jax.model.params import init_params
 
     root = tmp_path_factory.mktemp("memory_kb")
     tokenizer_path = str(Path(lm_data).parent / "spm.model")
@@ -95,16 +96,14 @@ def memory_kb(lm_data, tmp_path_factory):
     config = lm_test_config.get_config()
     config.model.vocab_size = tokenizer.vocab_size
     config.data.seq_len = 256
-    config.memory.enabled = True
     cfg = ModelConfig.from_config(config.model, config.memory)
-    refs = writer.load_references(str(knowledge), tokenizer, config.memory.ref_len)
-    sink = writer.sink_tokens(tokenizer, config.memory.sink_text)
+    refs = knowledge_lib.load_references(str(knowledge), tokenizer, config.memory.ref_len)
+    sink = knowledge_lib.sink_tokens(tokenizer, config.memory.sink_text)
     bank, _ = writer.open_for_writing(
-        str(root / "bank"), refs, architecture=bank_lib.architecture(cfg, config.memory.k, config.memory.ref_len),
+        str(root / "bank"), refs, architecture=bank_lib.architecture(cfg),
         tokenizer_sha256=tokenizer.sha256, checkpoint={"run_id": "fresh", "step": 0}, sink=sink, codec="bf16",
         refs_per_shard=64, record=writer.writer_record(refs, 1, cfg.dtype))
-    writer.write_references(bank, init_params(ModelConfig.from_config(config.model), seed=0), cfg, refs, sink,
-                            k=config.memory.k, batch_size=64)
+    writer.write_references(bank, init_params(cfg, seed=0), cfg, refs, sink, batch_size=64)
     return {"root": root, "knowledge": str(knowledge), "data": str(data), "tokenizer": tokenizer_path,
             "bank": str(root / "bank"), "config": config, "refs": refs, "sink": sink}
 

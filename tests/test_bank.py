@@ -26,10 +26,10 @@ from m3jax.memory.bank import (
 )
 from m3jax.model.config import ModelConfig
 
-CFG = ModelConfig(vocab_size=300, num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96,
-                  memory_layers=(0, 1), memory_kv_heads=(0, 1))
 K, REF_LEN = 4, 16
-ARCH = architecture(CFG, K, REF_LEN)
+CFG = ModelConfig(vocab_size=300, num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96,
+                  memory_layers=(0, 1), memory_kv_heads=(0, 1), memory_k=K, memory_ref_len=REF_LEN)
+ARCH = architecture(CFG)
 ROW = (2, 2, 2, K, 16)  # [mem_layers, 2, kv_heads, k, head_dim]
 CKPT = {"run_id": "warmup", "step": 1000}
 
@@ -68,7 +68,7 @@ def test_round_trip_bf16_bit_exact(tmp_path, where):
     np.testing.assert_array_equal(got_positions, positions[order])
     np.testing.assert_array_equal(reread.read_tokens(order)[:, :REF_LEN - 3], tokens[order])
     assert (reread.read_tokens(order)[:, REF_LEN - 3:] == -1).all()
-    assert reread.metadata["architecture_hash"] == architecture_hash(CFG, K, REF_LEN)
+    assert reread.metadata["architecture_hash"] == architecture_hash(CFG)
     assert reread.metadata["checkpoint"] == CKPT and reread.metadata["codec"] == "bf16"
     if where == "local":  # sizes are what bytes_per_reference predicts (+ JSON metadata and 4-byte shard CRCs)
         disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
@@ -121,12 +121,13 @@ def test_int8_bank_decodes_on_device(tmp_path):
 def test_mismatches_refused(tmp_path, caplog):
     path = str(tmp_path / "bank")
     make_bank(path)
-    other = architecture(ModelConfig(**{**CFG.__dict__, "num_layers": 6}), K, REF_LEN)
+    other = architecture(ModelConfig(**{**CFG.__dict__, "num_layers": 6}))
     named = re.escape(str(tmp_path / "bank")) + r".*architecture.num_layers: bank 4, expected 6"
     with pytest.raises(BankMismatchError, match=named):  # the bank, the field, both values
         MemoryBank.open(path, expect_architecture=other, expect_tokenizer="tok")
     with pytest.raises(BankMismatchError, match=r"architecture.k: bank 4, expected 8"):
-        MemoryBank.open(path, expect_architecture=architecture(CFG, 8, REF_LEN), expect_tokenizer="tok")
+        MemoryBank.open(path, expect_architecture=architecture(ModelConfig(**{**CFG.__dict__, "memory_k": 8})),
+                        expect_tokenizer="tok")
     with pytest.raises(BankMismatchError, match=r"tokenizer_sha256: bank 'tok', expected 'other'.*another tokenizer"):
         MemoryBank.open(path, expect_architecture=ARCH, expect_tokenizer="other")
     with pytest.raises(BankMismatchError, match=r"sink_tokens: bank \[1, 7, 9\], expected \[1, 7\]"):
@@ -138,8 +139,8 @@ def test_mismatches_refused(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         open_bank(path, expect_checkpoint=later, allow_other_checkpoint=True)
     assert "500 steps older" in caplog.text
-    with pytest.raises(ValueError, match="no memory layers"):
-        architecture(ModelConfig(**{**CFG.__dict__, "memory_layers": (), "memory_kv_heads": ()}), K, REF_LEN)
+    with pytest.raises(ValueError, match="no memory heads"):
+        architecture(ModelConfig(**{**CFG.__dict__, "memory_layers": (), "memory_kv_heads": ()}))
 
 
 def test_create_resume_and_process_ranges(tmp_path):

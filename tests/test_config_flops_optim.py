@@ -7,10 +7,10 @@ from conftest import tiny_config
 
 from m3jax.config import ConfigError, validate
 from m3jax.model import ModelConfig
+from m3jax.model import params as params_lib
 from m3jax.parallel import logical_to_spec
 from m3jax.train import flops as flops_lib
 from m3jax.train.optimizer import decay_mask, lr_schedule
-from m3jax.train.step import abstract_model
 
 
 @pytest.mark.parametrize("key,value,names", [
@@ -62,7 +62,7 @@ def test_flops_formula_is_pinned():
     seq = 128
     assert flops_lib.train_flops_per_token(cfg, seq) == 6 * n + 6 * 2 * seq * 4 * 16
     # The analytic count agrees with the parameters the model actually creates.
-    _, params, _ = abstract_model(cfg)
+    params = params_lib.abstract_params(cfg)
     assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == cfg.param_counts()["total"]
     assert flops_lib.mfu(1000.0, 1e9, 2, 1e12) == pytest.approx(0.5)
 
@@ -81,7 +81,7 @@ def test_wsd_and_cosine_schedules():
 
 
 def test_weight_decay_mask_spares_norms_and_embedding():
-    _, params, _ = abstract_model(ModelConfig.from_config(tiny_config().model))
+    params = params_lib.abstract_params(ModelConfig.from_config(tiny_config().model))
     mask = decay_mask(params, decay_norms_and_embeddings=False)
     assert not mask["embed"] and not mask["final_norm"] and not mask["layers"]["attn_norm"]
     assert mask["lm_head"] and mask["layers"]["wq"] and mask["layers"]["w_down"]
@@ -100,7 +100,6 @@ def test_logical_rules_map_and_never_reuse_a_mesh_axis():
 @pytest.mark.parametrize("key,value", [("layers", "0,9"), ("layers", "1,0"), ("layers", "two"), ("kv_heads", "2")])
 def test_memory_layers_and_heads_are_checked(key, value):
     c = tiny_config()  # 2 layers, 2 KV heads
-    c.memory.enabled = True
     c.memory[key] = value
     with pytest.raises(ConfigError, match=rf"config\.memory\.{key}={value!r}"):
         validate(c)
@@ -108,8 +107,10 @@ def test_memory_layers_and_heads_are_checked(key, value):
 
 def test_memory_config_resolves_into_the_model_config():
     c = tiny_config(num_layers=6)
-    assert ModelConfig.from_config(c.model, c.memory).memory_layers == ()  # off: the plain model
-    c.memory.enabled = True
+    assert ModelConfig.from_config(c.model).memory_layers == ()  # no memory section: the plain model
+    c.memory.heads = False
+    assert ModelConfig.from_config(c.model, c.memory).memory_layers == ()  # no memory heads: the plain model
+    c.memory.heads = True
     cfg = ModelConfig.from_config(c.model, c.memory)
     assert (cfg.memory_layers, cfg.memory_kv_heads, cfg.memory_chunk_size) == ((0, 1, 2), (0, 1), 64)
     c.memory.update(layers="all", kv_heads="1")

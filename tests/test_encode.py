@@ -20,11 +20,11 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from transformers.models.llama import modeling_llama
 
-from m3jax.config import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
 from m3jax.export import save_hf_llama
 from m3jax.memory import encode
+from m3jax.model import params as params_lib
 from m3jax.model.config import ModelConfig
-from m3jax.train.step import abstract_model
+from m3jax.parallel import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
 
 # GQA 4 query heads on 2 KV heads; memory layers 0 and 2 of 4 (layer 3 is never computed, layer 2 stops at q/k/v).
 MODEL = dict(vocab_size=300, num_layers=4, hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=80,
@@ -39,7 +39,7 @@ DOC_LEN = 300  # per-document encoding: pieces of 128, 128 and 44 tokens
 def random_params(cfg: ModelConfig, seed: int):
     """Numpy parameters of the model's tree; random norm weights expose a misplaced norm."""
     rng = np.random.default_rng(seed)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_model(cfg)[1])
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params_lib.abstract_params(cfg))
     leaves = [(1.0 + 0.5 * rng.standard_normal(x.shape) if "norm" in jax.tree_util.keystr(p)
                else cfg.init_std * rng.standard_normal(x.shape)).astype(np.float32) for p, x in paths]
     return jax.tree_util.tree_unflatten(treedef, leaves)
@@ -222,9 +222,9 @@ def test_later_layers_not_computed_flops():
 
     def flops(**kw):
         cfg = ModelConfig(**{**MODEL, **kw})
-        fn = functools.partial(encode._encode, cfg=cfg, k=K, ref_len=REF_LEN, rules=DEFAULT_LOGICAL_AXIS_RULES)
+        fn = functools.partial(encode.encode, cfg=cfg, k=K, ref_len=REF_LEN, rules=DEFAULT_LOGICAL_AXIS_RULES)
         spec = lambda shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
-        jaxpr = jax.make_jaxpr(fn)(abstract_model(cfg)[1], spec((3, REF_LEN)), spec((3,)), spec((len(SINK),)))
+        jaxpr = jax.make_jaxpr(fn)(params_lib.abstract_params(cfg), spec((3, REF_LEN)), spec((3,)), spec((len(SINK),)))
         return _matmul_flops(jaxpr.jaxpr)
 
     base = flops()
@@ -275,7 +275,7 @@ def test_document_of_one_piece_is_a_reference(setup):
 
 
 def test_accepts_a_transformer(setup):
-    model = nnx.merge(abstract_model(setup["cfg"])[0], setup["params"])
+    model = nnx.merge(params_lib.graphdef(setup["cfg"]), setup["params"])
     kv, positions = encode.encode_references(model, setup["cfg"], setup["tokens"], LENGTHS, SINK, k=K)
     np.testing.assert_array_equal(np.asarray(positions), setup["positions"])
     np.testing.assert_array_equal(np.asarray(kv), setup["kv"])

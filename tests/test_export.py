@@ -20,8 +20,9 @@ from flax import nnx
 from m3jax.checkpoint import Checkpointer
 from m3jax.export import from_hf_llama, save_hf_llama, to_hf_llama
 from m3jax.model import ModelConfig
+from m3jax.model import params as params_lib
 from m3jax.parallel import make_mesh
-from m3jax.train.step import Trainer, abstract_model
+from m3jax.train.step import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 # GQA (8 query heads on 2 KV heads), head_dim independent of hidden_size, non-default RoPE base and norm eps,
@@ -33,7 +34,7 @@ BATCH, SEQ = 2, 40
 
 @functools.cache
 def _forward(model_cfg: ModelConfig):
-    graphdef, _, _ = abstract_model(model_cfg)
+    graphdef = params_lib.graphdef(model_cfg)
     return jax.jit(lambda params, *inputs: nnx.merge(graphdef, params)(*inputs))
 
 
@@ -53,7 +54,7 @@ def hf_logits(model, tokens) -> np.ndarray:
 def random_params(model_cfg: ModelConfig, seed: int = 0):
     """Random parameters of the model's tree (numpy: no compilation). Norm weights are random too, since all
     ones would hide a misplaced or missing norm."""
-    _, abstract, _ = abstract_model(model_cfg)
+    abstract = params_lib.abstract_params(model_cfg)
     rng = np.random.default_rng(seed)
     paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     leaves = []

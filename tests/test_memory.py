@@ -21,9 +21,9 @@ import pytest
 from flax import nnx
 
 from m3jax.model import attention as attn_lib
+from m3jax.model import params as params_lib
 from m3jax.model.config import ModelConfig
 from m3jax.model.memory import Memory
-from m3jax.train.step import abstract_model
 
 REF_LEN = 128  # reference tokens: memory keys lie at positions [p, p + REF_LEN)
 
@@ -268,7 +268,7 @@ def numpy_forward(params, cfg, tokens, positions, visible):
 def random_params(cfg, seed):
     """Random parameters of the model's tree. init_std 0.15 and random norm weights keep the logits O(1) (so the
     tolerances mean something) and expose a misplaced norm."""
-    _, abstract, _ = abstract_model(cfg)
+    abstract = params_lib.abstract_params(cfg)
     rng = np.random.default_rng(seed)
     paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     leaves = [(1.0 + 0.3 * rng.standard_normal(x.shape) if "norm" in jax.tree_util.keystr(p)
@@ -284,7 +284,7 @@ def model_config(**kw):
 
 @functools.cache
 def model_fn(cfg, with_memory=True):
-    graphdef, _, _ = abstract_model(cfg)
+    graphdef = params_lib.graphdef(cfg)
     if with_memory:
         return jax.jit(lambda params, tokens, positions, seg, group, memory: nnx.merge(graphdef, params)(
             tokens, positions, seg, memory_group=group, memory=memory))

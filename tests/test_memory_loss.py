@@ -26,9 +26,10 @@ from m3jax.data.prepare import heldout_split
 from m3jax.data.records import read_metadata
 from m3jax.data.tokenizer import Tokenizer
 from m3jax.memory import evaluate
-from m3jax.memory.writer import sink_tokens
+from m3jax.memory.knowledge import sink_tokens
+from m3jax.model import params as params_lib
 from m3jax.model.config import ModelConfig
-from m3jax.train.step import abstract_model, init_params
+from m3jax.model.params import init_params
 
 REPO = Path(__file__).resolve().parents[1]
 REF_LEN = 128
@@ -77,7 +78,7 @@ def nll(setup):
     and KV head a memory head; batches of 3 (the second one short: padded to shape)."""
     return evaluate.passage_nll(setup["params"], setup["all_cfg"], setup["passages"], setup["sink"],
                                 bos_id=setup["tokenizer"].bos_id, ks=[REF_LEN],
-                                codecs=[evaluate.NO_CODEC, "bf16", "int8"], ref_len=REF_LEN, batch_size=3)
+                                codecs=[evaluate.NO_CODEC, "bf16", "int8"], batch_size=3)
 
 
 def plain_loss_on_one_sequence(params, cfg, passages, sink, bos_id):
@@ -92,7 +93,7 @@ def plain_loss_on_one_sequence(params, cfg, passages, sink, bos_id):
         seq[i, :m] = np.concatenate([sink, ref, [bos_id], ref[:-1]])
         pos[i, :m] = np.concatenate([np.arange(p + n), p + REF_LEN + np.arange(n)])
         seg[i, :m] = 1
-    graphdef = abstract_model(dataclasses.replace(cfg, memory_layers=(), memory_kv_heads=()))[0]
+    graphdef = params_lib.graphdef(dataclasses.replace(cfg, memory_layers=(), memory_kv_heads=()))
     logits = jax.jit(lambda params, *x: nnx.merge(graphdef, params)(*x))(params, seq, pos, seg)
     logits = np.asarray(logits, np.float64)[..., : cfg.vocab_size]
     top = logits.max(-1, keepdims=True)

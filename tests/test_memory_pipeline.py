@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from m3jax.data.memory_pipeline import CODES_PREFIX, device_memory, make_memory_iterator
+from m3jax.memory_pipeline import CODES_PREFIX, device_memory, make_memory_iterator
 from m3jax.retrieval.build import open_bank
 from m3jax.retrieval.retrieve import RetrievedIds
 
@@ -139,12 +139,10 @@ def test_online_batches_hold_the_reference_tokens(setup):
 
 
 def test_device_memory_feeds_the_model(setup, memory_kb):
-    from flax import nnx
-
-    from m3jax.memory.encode import _graphdef
+    from m3jax.model import params as params_lib
     from m3jax.model.config import ModelConfig
     from m3jax.model.memory import Memory
-    from m3jax.train.step import init_params
+    from m3jax.model.params import init_params
 
     bank, config = setup["bank"], memory_kb["config"]
     batch = take(iterator(setup), 1)[0]
@@ -154,10 +152,10 @@ def test_device_memory_feeds_the_model(setup, memory_kb):
     np.testing.assert_array_equal(memory.values, jnp.moveaxis(kv[:, :, :, 1], 2, 0))
 
     cfg = ModelConfig.from_config(config.model, config.memory)
-    params = init_params(ModelConfig.from_config(config.model), seed=0)
+    params = init_params(cfg, seed=0)
 
     def logits(mem):
-        return nnx.merge(_graphdef(cfg), params)(batch["inputs"], batch["positions"], batch["segment_ids"],
+        return params_lib.model_from(cfg, params)(batch["inputs"], batch["positions"], batch["segment_ids"],
                                                  batch["memory_group"], mem)
 
     with_memory = jax.jit(logits)(memory)

@@ -7,6 +7,7 @@ import pytest
 from conftest import tiny_config
 
 from m3jax.model import attention as attn_lib
+from m3jax.model import params as params_lib
 from m3jax.parallel import make_mesh
 from m3jax.train.step import Trainer
 
@@ -142,7 +143,8 @@ def test_padded_vocab_is_masked():
     trainer = Trainer(config, make_mesh(config.mesh, jax.devices()[:1]))
     state = trainer.init_state()
     batch = trainer.global_batch(random_batch(config))
-    logits = np.asarray(trainer.apply(state.params, batch))
+    model = params_lib.model_from(trainer.model_cfg, state.params)
+    logits = np.asarray(model(batch["inputs"], batch["positions"], batch["segment_ids"]))
     assert logits.shape[-1] == 384
     probs = np.asarray(jax.nn.softmax(logits, -1))
     assert probs[..., 300:].max() == 0.0

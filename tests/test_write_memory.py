@@ -25,11 +25,11 @@ from m3jax import parallel
 from m3jax.checkpoint import Checkpointer
 from m3jax.data.corpus import embedded_corpus
 from m3jax.data.tokenizer import Tokenizer
-from m3jax.memory import writer
+from m3jax.memory import knowledge, writer
 from m3jax.memory.bank import BankMismatchError, MemoryBank, architecture
 from m3jax.memory.encode import encode_documents, encode_references
 from m3jax.model.config import ModelConfig
-from m3jax.train.step import init_params
+from m3jax.model.params import init_params
 
 NUM_DOCS = 20
 ARGS = ("--batch_size=8", "--refs_per_shard=8", "--log_every_s=0")
@@ -46,10 +46,9 @@ def kb(lm_data, tmp_path_factory):
     knowledge.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in embedded_corpus()[:NUM_DOCS]))
     config = lm_test_config.get_config()
     config.model.vocab_size = Tokenizer(tokenizer).vocab_size
-    config.memory.enabled = True
     ckpt = Checkpointer(root / "run" / "checkpoints", max_to_keep=2, async_save=False)
     for step in (1, 2):
-        ckpt.save(step, {"params": init_params(ModelConfig.from_config(config.model), seed=step)}, {},
+        ckpt.save(step, {"params": init_params(ModelConfig.from_config(config.model, config.memory), seed=step)}, {},
                   config.to_dict())
     ckpt.close()
     return {"root": root, "tokenizer": str(tokenizer), "knowledge": str(knowledge), "config": config,
@@ -99,7 +98,8 @@ def reference_bank(kb):
 
 def model(kb):
     config = kb["config"]
-    return ModelConfig.from_config(config.model, config.memory), init_params(ModelConfig.from_config(config.model), 1)
+    cfg = ModelConfig.from_config(config.model, config.memory)
+    return cfg, init_params(cfg, 1)
 
 
 def two_devices():
@@ -110,7 +110,7 @@ def two_devices():
 def test_references_cut_in_order_and_rows_equal_encode_references(kb, reference_bank):
     tok = Tokenizer(kb["tokenizer"])
     cfg, params = model(kb)
-    bank = MemoryBank.open(reference_bank, expect_architecture=architecture(cfg, 8, 128), expect_tokenizer=tok.sha256,
+    bank = MemoryBank.open(reference_bank, expect_architecture=architecture(cfg), expect_tokenizer=tok.sha256,
                            expect_checkpoint={"run_id": "test", "step": 1},
                            expect_sink_tokens=[tok.bos_id, *tok.encode("Reference:")])
     # Independent re-tokenization: each document in order, cut into consecutive 128-token pieces, tail last.
@@ -164,10 +164,10 @@ def test_per_document_rows_equal_encode_documents(kb, tmp_path):
     memory.layers = "all"
     cfg = ModelConfig.from_config(kb["config"].model, memory)
     tok = Tokenizer(kb["tokenizer"])
-    refs = writer.load_references(kb["knowledge"], tok, 128)
-    sink = writer.sink_tokens(tok, "Reference:")
+    refs = knowledge.load_references(kb["knowledge"], tok, 128)
+    sink = knowledge.sink_tokens(tok, "Reference:")
     path = str(tmp_path / "doc_bank")
-    arch = architecture(cfg, 8, 128)
+    arch = architecture(cfg)
     bank, writable = writer.open_for_writing(
         path, refs, architecture=arch, tokenizer_sha256=tok.sha256, checkpoint={"run_id": "test", "step": 1},
         sink=sink, codec="bf16", refs_per_shard=8, record=writer.writer_record(refs, 8, cfg.dtype))
@@ -254,8 +254,8 @@ def test_refusals(kb, reference_bank, tmp_path):
 
     tok = Tokenizer(kb["tokenizer"])
     cfg, _ = model(kb)
-    refs = writer.load_references(kb["knowledge"], tok, 128)
-    kw = dict(architecture=architecture(cfg, 8, 128), tokenizer_sha256=tok.sha256, sink=writer.sink_tokens(tok,
+    refs = knowledge.load_references(kb["knowledge"], tok, 128)
+    kw = dict(architecture=architecture(cfg), tokenizer_sha256=tok.sha256, sink=knowledge.sink_tokens(tok,
               "Reference:"), codec="bf16", refs_per_shard=8, record=writer.writer_record(refs, 1, cfg.dtype))
     step2 = {"run_id": "test", "step": 2}
     bank, writable = writer.open_for_writing(str(reference_bank), refs, checkpoint=step2, allow_other_checkpoint=True,
@@ -264,11 +264,11 @@ def test_refusals(kb, reference_bank, tmp_path):
 
     fewer = tmp_path / "fewer.jsonl"
     fewer.write_text("\n".join(Path(kb["knowledge"]).read_text().splitlines()[:NUM_DOCS // 2]))
-    other = writer.load_references(str(fewer), tok, 128)
+    other = knowledge.load_references(str(fewer), tok, 128)
     with pytest.raises(BankMismatchError, match=rf"holds {len(refs)} references but the knowledge base gives "
                                                 rf"{len(other)} \(of at most 128 tokens\)"):
         writer.open_for_writing(str(reference_bank), other, checkpoint={"run_id": "test", "step": 1}, **kw)
-    same_count = writer.References(**{**refs.__dict__, "tokens": np.roll(refs.tokens, 1)})
+    same_count = knowledge.References(**{**refs.__dict__, "tokens": np.roll(refs.tokens, 1)})
     with pytest.raises(BankMismatchError, match="another knowledge base.*references_sha256"):
         writer.open_for_writing(str(reference_bank), same_count, checkpoint={"run_id": "test", "step": 1},
                                 **{**kw, "record": writer.writer_record(same_count, 1, cfg.dtype)})
@@ -276,7 +276,7 @@ def test_refusals(kb, reference_bank, tmp_path):
 
 
 def test_cut_references_and_units():
-    refs = writer.cut_references([("a", range(300)), ("empty", []), ("b", range(1000, 1128)), ("c", [7])], 128)
+    refs = knowledge.cut_references([("a", range(300)), ("empty", []), ("b", range(1000, 1128)), ("c", [7])], 128)
     assert refs.lengths.tolist() == [128, 128, 44, 128, 1] and refs.doc_index.tolist() == [0, 0, 0, 2, 3]
     tokens, lengths = refs.rows([2, 4])
     assert tokens[0, :44].tolist() == list(range(256, 300)) and (tokens[0, 44:] == -1).all()

@@ -16,16 +16,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from m3jax import cli  # noqa: E402
+from m3jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _BANK = flags.DEFINE_string("bank", None, "The memory bank: a directory or a TensorStore kvstore URL.")

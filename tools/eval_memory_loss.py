@@ -10,32 +10,27 @@ tokens per memory head, stored with each codec), another passage's reference (sh
 sink kept (empty), or nothing (off: the plain model at positions 0…). See m3jax/memory/evaluate.py.
 
 The model's architecture comes from `--config` (a vocab_size of -1 is taken from the checkpoint) and must equal
-the checkpoint's; the memory settings are `config.memory` with `enabled=True`. A warm-up model was never trained
+the checkpoint's; the memory geometry is `config.memory`'s. A warm-up model was never trained
 to read memory: the numbers say what it does with memory, not what a Memory3 model would.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+from absl import app, flags
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from m3jax import cli  # noqa: E402
-from m3jax.checkpoint import CheckpointError, load_config, load_params, resolve_step_dir  # noqa: E402
-from m3jax.data.corpus import load_corpus  # noqa: E402
-from m3jax.data.records import read_metadata  # noqa: E402
-from m3jax.data.tokenizer import Tokenizer  # noqa: E402
-from m3jax.memory import evaluate, writer  # noqa: E402
-from m3jax.memory.writer import sink_tokens  # noqa: E402
-from m3jax.model.config import ModelConfig  # noqa: E402
-from m3jax.train.step import abstract_model  # noqa: E402
+from m3jax import cli
+from m3jax.checkpoint import CheckpointError, load_model
+from m3jax.data.corpus import load_corpus
+from m3jax.data.records import read_metadata
+from m3jax.data.tokenizer import Tokenizer
+from m3jax.memory import evaluate
+from m3jax.memory.knowledge import sink_tokens
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=False)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A run's workdir, its checkpoint directory or one step.")
@@ -48,16 +43,6 @@ _K = flags.DEFINE_list("k", ["128", "8"], "tokens kept per memory head")
 _CODEC = flags.DEFINE_list("codec", ["bf16", "int8"], f"memory codecs; '{evaluate.NO_CODEC}' = the encoder's output")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "passages per forward")
 _JSON = flags.DEFINE_string("json", None, "also write the results (summary and per-passage losses) to this file")
-
-def model_config(config, saved: dict) -> ModelConfig:
-    """config.model + config.memory (enabled), checked against the checkpoint's saved model config."""
-    if config.model.vocab_size == -1:
-        config.model.vocab_size = int(saved.get("model", {})["vocab_size"])
-    writer.check_model_matches(config.model, saved)
-    mem = config.memory.copy_and_resolve_references()
-    mem.enabled = True
-    return ModelConfig.from_config(config.model, mem)
-
 
 def render(s: dict, setup: dict, codec_effects: dict) -> str:
     lines = [f"checkpoint {setup['checkpoint']}; {setup['num_passages']} held-out passages from "
@@ -86,20 +71,17 @@ def main(argv):
     t0 = time.perf_counter()
     config = _CONFIG.value
     try:
-        step_dir = resolve_step_dir(_CHECKPOINT.value)
-        saved = load_config(step_dir)
-        data_dir = _DATA.value or saved.get("data", {}).get("path")
+        if not config.memory.heads:
+            raise ValueError("config.memory.heads=False: a model without memory heads reads no memory")
+        loaded = load_model(_CHECKPOINT.value, config)  # on the first device; vocab_size -1: the checkpoint's
+        step_dir, params, cfg = loaded.step_dir, loaded.params, loaded.model_config
+        data_dir = _DATA.value or loaded.saved_config.get("data", {}).get("path")
         if not data_dir:
             raise ValueError("the checkpoint's config names no data directory; give --data")
         meta = read_metadata(data_dir)
         tokenizer = Tokenizer(_TOKENIZER.value)
         if tokenizer.sha256 != meta["tokenizer_sha256"]:
             raise ValueError(f"{_TOKENIZER.value} is not the tokenizer that wrote {data_dir}")
-        cfg = model_config(config, saved)
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        _, abstract, _ = abstract_model(cfg)
-        params = load_params(step_dir, jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract))
     except (CheckpointError, OSError, ValueError) as e:
         sys.exit(f"eval_memory_loss: {e}")
     mem = config.memory
@@ -109,7 +91,7 @@ def main(argv):
                                          min_tokens=_MIN_TOKENS.value)
     sink = sink_tokens(tokenizer, mem.sink_text)
     nll = evaluate.passage_nll(params, cfg, passages, sink, bos_id=tokenizer.bos_id, ks=[int(k) for k in _K.value],
-                               codecs=_CODEC.value, ref_len=mem.ref_len, batch_size=_BATCH.value)
+                               codecs=_CODEC.value, batch_size=_BATCH.value)
     summary = evaluate.summarize(nll)
     ks, codecs = [int(k) for k in _K.value], _CODEC.value
     codec_effects = {f"own k={k} {c} − {codecs[0]}": evaluate.paired_difference(nll, f"own k={k} {c}",
@@ -121,7 +103,7 @@ def main(argv):
              "memory_layers": list(cfg.memory_layers), "memory_kv_heads": list(cfg.memory_kv_heads),
              "sink_tokens": sink.tolist(), "ref_len": mem.ref_len, "seconds": time.perf_counter() - t0,
              "max_position": len(sink) + mem.ref_len + int(passages.lengths.max()) - 1,
-             "trained_seq_len": saved.get("data", {}).get("seq_len")}
+             "trained_seq_len": loaded.saved_config.get("data", {}).get("seq_len")}
     print(render(summary, setup, codec_effects))
     if setup["trained_seq_len"] and setup["max_position"] >= setup["trained_seq_len"]:
         print(f"note: with memory on, context positions reach {setup['max_position']}; the checkpoint was trained "

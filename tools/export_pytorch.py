@@ -7,23 +7,13 @@ token ids come from the run's data directory when it is readable, unless given a
 """
 
 import sys
-from pathlib import Path
 
-try:
-    import m3jax  # noqa: F401
-except ImportError:  # runnable from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from absl import app, flags
 
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from m3jax.checkpoint import CheckpointError, load_config, load_params, resolve_step_dir  # noqa: E402
-from m3jax.data.records import read_metadata  # noqa: E402
-from m3jax.export import save_hf_llama  # noqa: E402
-from m3jax.export.llama import DTYPES  # noqa: E402
-from m3jax.model import ModelConfig  # noqa: E402
-from m3jax.parallel import make_mesh  # noqa: E402
-from m3jax.train.step import abstract_model  # noqa: E402
+from m3jax.checkpoint import CheckpointError, load_model
+from m3jax.data.records import read_metadata
+from m3jax.export import save_hf_llama
+from m3jax.export.llama import DTYPES
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A run's checkpoint directory or one step of it.",
                                   required=True)
@@ -57,18 +47,12 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        step_dir = resolve_step_dir(_CHECKPOINT.value)
-        config = load_config(step_dir)
-        model_cfg = ModelConfig.from_config(config["model"])
-        mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices("cpu")[:1])
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        _, abstract, _ = abstract_model(model_cfg)
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
-        params = load_params(step_dir, target)
+        loaded = load_model(_CHECKPOINT.value)  # the checkpoint's own config, on the first device
     except CheckpointError as e:
         sys.exit(f"export_pytorch: {e}")
+    config, model_cfg, step_dir = loaded.saved_config, loaded.model_config, loaded.step_dir
     token_ids = special_token_ids(config)
-    paths = save_hf_llama(params, model_cfg, _OUT.value, dtype=_DTYPE.value,
+    paths = save_hf_llama(loaded.params, model_cfg, _OUT.value, dtype=_DTYPE.value,
                           max_position_embeddings=int(config["data"]["seq_len"]), **token_ids)
     print(f"exported {step_dir} as LlamaForCausalLM ({_DTYPE.value}; vocab {model_cfg.vocab_size} padded to "
           f"{model_cfg.padded_vocab_size}; {', '.join(f'{k}={v}' for k, v in token_ids.items())})")

@@ -3,16 +3,13 @@
     python tools/memory_budget.py --config=configs/memory3_2b.py --num_refs=110000000 [--json]
         [--processes=16 --global_batch=... --seq=... --memories_per_chunk=1 --sink_len=0]
 
-The memory layers, memory heads, k, ref_len and chunk size come from `config.memory` (whether or not it is
-enabled: the warm-up config is the one that writes a bank). Printed:
+The memory layers, memory heads, k, ref_len and chunk size come from `config.memory` (whether or not the run
+reads memory: the warm-up config is the one that writes a bank). Printed:
 - bytes per memory (the paper's figure: 450,560 for memory3_2b in bf16) and the whole bank: memories only, and on
   disk with positions, tokens, written flags and shard indexes (`m3jax.memory.bank.bytes_per_reference`);
-- FLOPs to write one reference: the forward of its `ref_len` tokens (+ `--sink_len`) through the layers up to the
-  last memory layer, which stops at its q/k/v projections, with causal attention (QKᵀ and AV, half the T² term),
-  plus the top-k scoring QKᵀ of the memory heads without a mask (the paper: ≈ 0.308 TFLOPs for the 2.4B model);
-- FLOPs to read one memory: QKᵀ and AV of each memory head's query heads over its k keys, per context token and
-  per use (one chunk of `chunk_size` tokens; the paper: 1.44e-4 TFLOPs), beside RAG's cost of putting the same
-  reference in the context (2·N·ref_len, the paper: ≥ 0.624 TFLOPs);
+- FLOPs to write one reference and to read one memory per token and per use (one chunk of `chunk_size` tokens),
+  by the formulas of `m3jax.train.flops`, beside RAG's cost of putting the same reference in the context
+  (2·N·ref_len, the paper: ≥ 0.624 TFLOPs);
 - the memory bytes one training step moves to each host: (global batch / processes) sequences × chunks per
   sequence × unique memories per chunk (1 in the paper's layout: a chunk reads its own reference and the previous
   4 chunks'), with their positions.
@@ -22,17 +19,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from m3jax.memory.bank import architecture, bytes_per_reference, row_shape  # noqa: E402
-from m3jax.memory.codecs import CODECS  # noqa: E402
-from m3jax.model.config import ModelConfig  # noqa: E402
+from m3jax.memory.bank import architecture, bytes_per_reference, row_shape
+from m3jax.memory.codecs import CODECS
+from m3jax.model.config import ModelConfig
+from m3jax.train.flops import read_flops_per_token, write_flops_per_reference
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _NUM_REFS = flags.DEFINE_integer("num_refs", None, "references in the bank")
@@ -46,34 +40,11 @@ _SINK_LEN = flags.DEFINE_integer("sink_len", 0, "sink tokens encoded with every 
 _JSON = flags.DEFINE_bool("json", False, "print JSON instead of a table")
 
 
-def write_flops_per_reference(cfg: ModelConfig, ref_len: int, sink_len: int = 0) -> float:
-    """Forward of one reference through the layers up to the last memory layer (which stops at q/k/v), with
-    causal attention, plus the unmasked top-k scoring QKᵀ of every memory layer's memory heads."""
-    d, h, kv, hd, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-    t = ref_len + sink_len
-    full_layers = cfg.memory_layers[-1]
-    per_layer = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f
-    qkv = d * h * hd + 2 * d * kv * hd
-    matmuls = 2 * t * (full_layers * per_layer + qkv)
-    attention = full_layers * 2 * t * t * h * hd  # QKᵀ + AV = 4·T²·H·d, halved by the causal mask
-    memory_q_heads = len(cfg.memory_kv_heads) * cfg.num_groups
-    scoring = len(cfg.memory_layers) * 2 * ref_len * ref_len * memory_q_heads * hd
-    return float(matmuls + attention + scoring)
-
-
-def read_flops_per_token(cfg: ModelConfig, k: int) -> float:
-    """One context token reading one memory: QKᵀ and AV over its k keys, in every memory head of every memory
-    layer (the query heads of the memory KV heads)."""
-    memory_q_heads = len(cfg.memory_kv_heads) * cfg.num_groups
-    return float(len(cfg.memory_layers) * memory_q_heads * 4 * k * cfg.head_dim)
-
-
 def budget(config, num_refs: int, codecs, *, global_batch: int, seq: int, processes: int,
            memories_per_chunk: float, sink_len: int) -> dict:
-    mem = config.memory.copy_and_resolve_references()
-    mem.enabled = True
+    mem = config.memory
     cfg = ModelConfig.from_config(config.model, mem)
-    arch = architecture(cfg, mem.k, mem.ref_len)
+    arch = architecture(cfg)
     chunks = math.ceil(seq / mem.chunk_size)
     memories_per_host = global_batch / processes * chunks * memories_per_chunk
     per_codec = {}
@@ -86,14 +57,14 @@ def budget(config, num_refs: int, codecs, *, global_batch: int, seq: int, proces
             "bank_bytes_on_disk": sum(per_ref.values()) * num_refs,
             "step_bytes_per_host": memories_per_host * (memory + per_ref["positions"]),
         }
-    read_token = read_flops_per_token(cfg, mem.k)
+    read_token = read_flops_per_token(cfg)
     return {
         "config": {"memory_layers": list(cfg.memory_layers), "memory_kv_heads": list(cfg.memory_kv_heads),
                    "row_shape": list(row_shape(arch)), "k": mem.k, "ref_len": mem.ref_len,
                    "chunk_size": mem.chunk_size, "num_refs": num_refs},
         "codecs": per_codec,
         "flops": {
-            "write_per_reference": write_flops_per_reference(cfg, mem.ref_len, sink_len),
+            "write_per_reference": write_flops_per_reference(cfg, sink_len),
             "read_per_token_per_memory": read_token,
             "read_per_use": read_token * mem.chunk_size,
             "rag_per_reference": 2.0 * cfg.param_counts()["non_embedding"] * mem.ref_len,

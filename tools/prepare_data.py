@@ -3,14 +3,11 @@
     python tools/prepare_data.py --tokenizer=runs/demo/tokenizer/spm.model --out=runs/demo/data
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from m3jax.data.prepare import prepare  # noqa: E402
+from m3jax.data.prepare import prepare
 
 _CORPUS = flags.DEFINE_string("corpus", "embedded", '"embedded", or comma-separated text/JSONL paths/globs.')
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model path.", required=True)

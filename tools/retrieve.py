@@ -3,7 +3,7 @@
     python tools/retrieve.py --config=configs/demo.py --data=runs/demo/data --bank=runs/demo/bank \
         [--split=train] [--index=BANK/index] [--knowledge=embedded] [--out=DATA/retrieval-SPLIT]
 
-For each record and each chunk (chunks never cross a document boundary: m3jax/retrieval/chunks.py): the chunk's
+For each record and each chunk (chunks never cross a document boundary: m3jax/memory/layout.py): the chunk's
 text is embedded (`config.retrieval.embedder`, which must be the index's), `config.retrieval.candidates`
 neighbours are searched, the leaking ones dropped, and the best `config.retrieval.refs_per_chunk` kept:
 - references cut from the record's own text (when `--knowledge` is the knowledge base the bank was written from,
@@ -19,12 +19,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from m3jax import cli  # noqa: E402
+from m3jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _DATA = flags.DEFINE_string("data", None, "A data directory written by tools/prepare_data.py.")
@@ -50,6 +48,7 @@ def main(argv):
     from m3jax.config import validate
     from m3jax.data.records import read_metadata
     from m3jax.data.tokenizer import Tokenizer
+    from m3jax.memory import knowledge as knowledge_lib
     from m3jax.memory import writer
     from m3jax.retrieval import build
     from m3jax.retrieval.embedder import Embedder
@@ -81,7 +80,7 @@ def main(argv):
         knowledge = meta["corpus"] if _KNOWLEDGE.value is None else _KNOWLEDGE.value
         provenance = None
         if knowledge:
-            refs = writer.load_references(knowledge, tokenizer, bank.metadata["ref_len"])
+            refs = knowledge_lib.load_references(knowledge, tokenizer, bank.metadata["ref_len"])
             record = writer.read_record(_BANK.value)
             if record is None or record["references_sha256"] != refs.sha256():
                 raise ValueError(f"the bank {_BANK.value} was not written from knowledge base {knowledge!r}; give "

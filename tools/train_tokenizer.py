@@ -3,15 +3,12 @@
     python tools/train_tokenizer.py --corpus=embedded --out=runs/demo/tokenizer/spm --vocab_size=8192
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from m3jax.data.corpus import load_corpus  # noqa: E402
-from m3jax.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from m3jax.data.corpus import load_corpus
+from m3jax.data.tokenizer import Tokenizer, train_tokenizer
 
 _CORPUS = flags.DEFINE_string("corpus", "embedded", '"embedded", or comma-separated text/JSONL paths/globs.')
 _OUT = flags.DEFINE_string("out", None, "Model prefix: writes <out>.model and <out>.vocab.", required=True)

@@ -6,9 +6,9 @@
 
 - `--knowledge`: "embedded" (CPython's documentation) or comma-separated text / JSONL ("text" field) paths or
   globs. Each document is cut into references of at most `config.memory.ref_len` tokens, ids in document order,
-  then piece order (a document's short tail is a reference of its own): see m3jax/memory/writer.py.
-- The model is `config.model` with `config.memory` (enabled for writing: memory layers, memory KV heads, k,
-  ref_len, sink_text); `vocab_size=-1` is taken from the tokenizer. It must match the checkpoint's saved model
+  then piece order (a document's short tail is a reference of its own): see m3jax/memory/knowledge.py.
+- The model is `config.model` with the memory geometry of `config.memory` (memory layers, memory KV heads, k,
+  ref_len, sink_text); `vocab_size=-1` is taken from the checkpoint. It must match the checkpoint's saved model
   config. `--checkpoint` is a run's workdir, its checkpoint directory (latest step) or one step directory; the
   bank records it as {run_id: the run's run_name, step}.
 - `--per_document`: the paper's Remark 3, each document encoded in windows of `--doc_window` tokens whose
@@ -23,16 +23,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from m3jax import cli  # noqa: E402
+from m3jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A run's workdir, its checkpoint directory or one step.")
@@ -59,26 +56,19 @@ def main(argv):
     import jax  # after flag parsing, so jax picks up XLA_FLAGS set by launchers
 
     from m3jax import parallel
-    from m3jax.checkpoint import CheckpointError, load_config, load_params, resolve_step_dir
+    from m3jax.checkpoint import CheckpointError, load_model
     from m3jax.config import validate
     from m3jax.data.tokenizer import Tokenizer
-    from m3jax.memory import bank as bank_lib
-    from m3jax.memory import writer
-    from m3jax.model.config import ModelConfig
-    from m3jax.train.step import abstract_model
+    from m3jax.memory import knowledge, writer
+    from m3jax.memory.bank import architecture, bytes_per_reference
 
     t0 = time.perf_counter()
     config = _CONFIG.value
     mem = config.memory
     try:
         tokenizer = Tokenizer(_TOKENIZER.value)
-        mem.enabled = True  # the writing model reads the memory settings; its parameters are the plain model's
-        if config.model.vocab_size == -1:
-            config.model.vocab_size = tokenizer.vocab_size
-        if config.model.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the vocabulary "
-                             f"({tokenizer.vocab_size}) of {_TOKENIZER.value}")
-        validate(config)
+        if not mem.heads:
+            raise ValueError("config.memory.heads=False: a model without memory heads writes no memory")
         if _DOC_WINDOW.value and not _PER_DOCUMENT.value:
             raise ValueError("--doc_window is the window of --per_document encoding; give both or neither")
         window = _DOC_WINDOW.value or max(mem.ref_len, config.data.seq_len // mem.ref_len * mem.ref_len)
@@ -92,33 +82,28 @@ def main(argv):
         mesh = parallel.make_mesh(config.mesh, jax.local_devices())
         writer.units_per_batch(_BATCH_SIZE.value, window_refs, writer.batch_shards(mesh, rules))
 
-        step_dir = resolve_step_dir(_CHECKPOINT.value)
-        saved = load_config(step_dir)
-        writer.check_model_matches(config.model, saved)
-        checkpoint = writer.checkpoint_identity(step_dir, saved)
-        cfg = ModelConfig.from_config(config.model, mem)
-        refs = writer.load_references(_KNOWLEDGE.value, tokenizer, mem.ref_len)
-        sink = writer.sink_tokens(tokenizer, mem.sink_text)
+        loaded = load_model(_CHECKPOINT.value, config, mesh=mesh)  # vocab_size -1: the checkpoint's
+        if config.model.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the vocabulary "
+                             f"({tokenizer.vocab_size}) of {_TOKENIZER.value}")
+        validate(config)
+        cfg, checkpoint = loaded.model_config, loaded.identity
+        refs = knowledge.load_references(_KNOWLEDGE.value, tokenizer, mem.ref_len)
+        sink = knowledge.sink_tokens(tokenizer, mem.sink_text)
         bank, writable = writer.open_for_writing(
-            _BANK.value, refs, architecture=bank_lib.architecture(cfg, mem.k, mem.ref_len),
-            tokenizer_sha256=tokenizer.sha256, checkpoint=checkpoint, sink=sink, codec=_CODEC.value,
-            refs_per_shard=_REFS_PER_SHARD.value, record=writer.writer_record(refs, window_refs, cfg.dtype),
-            allow_other_checkpoint=_ALLOW_OTHER.value)
+            _BANK.value, refs, architecture=architecture(cfg), tokenizer_sha256=tokenizer.sha256,
+            checkpoint=checkpoint, sink=sink, codec=_CODEC.value, refs_per_shard=_REFS_PER_SHARD.value,
+            record=writer.writer_record(refs, window_refs, cfg.dtype), allow_other_checkpoint=_ALLOW_OTHER.value)
         if not writable:
             print(f"write_memory: {bank.path} is complete ({bank.num_refs:,} refs, written by checkpoint "
                   f"{bank.metadata['checkpoint']}); accepted as it is, nothing written")
             return
         _PROGRESS(f"{len(refs):,} references of {len(refs.doc_ids):,} documents "
                   f"({int(refs.lengths.sum()):,} tokens); checkpoint {checkpoint}; bank {bank.path}")
-
-        _, abstract, specs = abstract_model(cfg)
-        shardings = parallel.tree_shardings(specs, mesh, rules)
-        params = load_params(step_dir, jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings))
     except (CheckpointError, ValueError, FileNotFoundError) as e:  # BankMismatchError is a ValueError
         sys.exit(f"write_memory: {e}")
 
-    s = writer.write_references(bank, params, cfg, refs, sink, k=mem.k, batch_size=_BATCH_SIZE.value,
+    s = writer.write_references(bank, loaded.params, cfg, refs, sink, batch_size=_BATCH_SIZE.value,
                                 window_refs=window_refs, mesh=mesh, rules=rules, process_index=proc,
                                 process_count=nproc, log_every_s=_LOG_EVERY.value, log=_PROGRESS)
     rate = f"{s['refs_per_s']:,.1f} refs/s" if s["refs_per_s"] else "-"
@@ -129,7 +114,7 @@ def main(argv):
     cli.barrier("write_memory_done")
     if proc == 0:
         missing = sum(b - a for a, b in bank.unwritten_ranges())
-        per_ref = sum(bank_lib.bytes_per_reference(bank.codec, bank.metadata["architecture"]).values())
+        per_ref = sum(bytes_per_reference(bank.codec, bank.metadata["architecture"]).values())
         state = "complete" if not missing else f"INCOMPLETE: {missing:,} refs unwritten"
         print(f"write_memory: bank {bank.path}: {bank.num_refs:,} refs, {bank.num_refs * per_ref / 1e6:,.2f} MB, "
               f"{state}; {time.perf_counter() - t0:.1f} s in all", flush=True)

@@ -16,7 +16,7 @@ import numpy as np
 from m3jax.data.records import split_source
 
 
-def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+def local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
     if global_batch_size < 1:
         raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
     if process_count < 1 or not 0 <= process_index < process_count:
@@ -28,7 +28,7 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
     return global_batch_size // process_count
 
 
-def _global_records(
+def global_records(
     data_dir: str | os.PathLike,
     split: str,
     global_batch_size: int,
@@ -57,7 +57,7 @@ def _global_records(
     return ds
 
 
-def _process_batches(
+def process_batches(
     ds: grain.MapDataset, local_batch_size: int, process_index: int, process_count: int
 ) -> grain.MapDataset:
     """This process's rows of every global batch: of the consecutive local batches, global batch s is
@@ -85,12 +85,12 @@ def make_lm_iterator(
     grain worker processes (their batches are interleaved back in order, so the data does not change). The
     iterator's `get_state()` / `set_state()` give exact resume.
     """
-    local = _local_batch_size(global_batch_size, process_index, process_count)
-    ds = _global_records(data_dir, split, global_batch_size, seed, num_epochs, shuffle)
-    return _iterator(_process_batches(ds, local, process_index, process_count), prefetch, worker_count)
+    local = local_batch_size(global_batch_size, process_index, process_count)
+    ds = global_records(data_dir, split, global_batch_size, seed, num_epochs, shuffle)
+    return iterate(process_batches(ds, local, process_index, process_count), prefetch, worker_count)
 
 
-def _iterator(ds: grain.MapDataset, prefetch: int, worker_count: int) -> grain.DatasetIterator:
+def iterate(ds: grain.MapDataset, prefetch: int, worker_count: int) -> grain.DatasetIterator:
     """Iterates `ds` with `prefetch` read threads (as many elements ahead), plus `worker_count` worker processes."""
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
     if worker_count > 0:
@@ -109,8 +109,8 @@ def make_eval_batches(
 ) -> list[dict[str, np.ndarray]]:
     """The first `num_batches` global batches of `split` in stored order (all complete ones when None), as
     this process's rows: the same held-out batches on every call, whatever the process count."""
-    local = _local_batch_size(global_batch_size, process_index, process_count)
-    ds = _global_records(data_dir, split, global_batch_size, seed=0, num_epochs=1, shuffle=False)
+    local = local_batch_size(global_batch_size, process_index, process_count)
+    ds = global_records(data_dir, split, global_batch_size, seed=0, num_epochs=1, shuffle=False)
     available = len(ds) // global_batch_size
     if num_batches is None:
         num_batches = available
@@ -119,5 +119,5 @@ def make_eval_batches(
             f"num_batches {num_batches} not in [1, {available}]: split {split!r} holds {available} global "
             f"batches of {global_batch_size}"
         )
-    ds = _process_batches(ds[: num_batches * global_batch_size], local, process_index, process_count)
+    ds = process_batches(ds[: num_batches * global_batch_size], local, process_index, process_count)
     return [ds[i] for i in range(len(ds))]

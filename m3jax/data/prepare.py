@@ -59,7 +59,7 @@ def prepare(
     "train", so no heldout text is ever trained on. Documents keep corpus order within a split.
 
     The knowledge split. The knowledge base of retrieval is the whole corpus (`corpus_spec`, every document in
-    corpus order, as `m3jax.memory.writer.load_references` cuts it); the heldout documents are in the knowledge
+    corpus order, as `m3jax.memory.knowledge.load_references` cuts it); the heldout documents are in the knowledge
     base but never in the training data, so their facts reach the model only through memory. Records carry each
     token's corpus document number and offset (`documents`, `doc_offsets`), which tie a training chunk to the
     references cut from its own text. The split is a pure function of (doc_id, seed, heldout_fraction).

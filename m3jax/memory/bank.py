@@ -74,25 +74,18 @@ class BankMismatchError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ identity
-def architecture(model_cfg: ModelConfig, k: int, ref_len: int) -> dict[str, Any]:
-    """The model config fields that determine a memory's key/values, plus k and ref_len (JSON-ready)."""
-    if not model_cfg.memory_layers:
-        raise ValueError("architecture(): the model config has no memory layers; build it with "
-                         "ModelConfig.from_config(config.model, config.memory) and config.memory.enabled = True")
-    c = model_cfg
-    return {"num_layers": c.num_layers, "hidden_size": c.hidden_size, "num_heads": c.num_heads,
-            "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "mlp_dim": c.mlp_dim, "vocab_size": c.vocab_size,
-            "rope_base": float(c.rope_base), "norm_eps": float(c.norm_eps), "memory_layers": list(c.memory_layers),
-            "memory_kv_heads": list(c.memory_kv_heads), "k": int(k), "ref_len": int(ref_len)}
+def architecture(model_cfg: ModelConfig) -> dict[str, Any]:
+    """What determines a memory's key/values: `ModelConfig.architecture()` (JSON-ready)."""
+    return model_cfg.architecture()
 
 
 def _hash_architecture(arch: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(dict(arch), sort_keys=True).encode()).hexdigest()
 
 
-def architecture_hash(model_cfg: ModelConfig, k: int, ref_len: int) -> str:
+def architecture_hash(model_cfg: ModelConfig) -> str:
     """sha256 of `architecture(...)` as canonical JSON: stable across processes and Python versions."""
-    return _hash_architecture(architecture(model_cfg, k, ref_len))
+    return _hash_architecture(architecture(model_cfg))
 
 
 def tokenizer_hash(path: str | os.PathLike) -> str:
@@ -174,6 +167,32 @@ def _array_spec(root: ts.KvStore.Spec, name: str, num_refs: int, shape: tuple[in
 
 def _identity(meta: Mapping[str, Any]) -> dict[str, Any]:
     return {f: meta.get(f) for f in IDENTITY_FIELDS}
+
+
+# ------------------------------------------------------------------------------------------------ side files
+def _side_file_key(name: str) -> str:
+    if not name or "/" in name or name == "zarr.json" or not name.endswith(".json"):
+        raise ValueError(f"a bank side file is a top-level *.json name other than zarr.json, got {name!r}")
+    return name
+
+
+def read_side_file(path, name: str) -> str | None:
+    """The text of side file `name` (a top-level `*.json` beside the bank's arrays, e.g. the writer's record)
+    of the bank at `path`; None when there is none."""
+    store = ts.KvStore.open(_root(path), context=_default_context()).result()
+    found = store.read(_side_file_key(name)).result()
+    return found.value.decode() if found.state == "value" else None
+
+
+def create_side_file(path, name: str, text: str) -> bool:
+    """Stores side file `name` unless it exists, atomically (a conditional write: of processes racing to create
+    it, exactly one wins). Returns whether this call stored it."""
+    store = ts.KvStore.open(_root(path), context=_default_context()).result()
+    key = _side_file_key(name)
+    found = store.read(key).result()
+    if found.state == "value":
+        return False
+    return bool(store.write(key, text, if_equal=found.stamp.generation).result().generation)
 
 
 # ------------------------------------------------------------------------------------------------ the cache
@@ -332,7 +351,7 @@ class MemoryBank:
              context: ts.Context | None = None) -> MemoryBank:
         """Opens a bank for reading, refusing one that another model wrote.
 
-        expect_architecture: `architecture(model_cfg, k, ref_len)` of the reader; expect_tokenizer: its sha256.
+        expect_architecture: `architecture(model_cfg)` of the reader; expect_tokenizer: its sha256.
         A different architecture, tokenizer or (when given) sink is a BankMismatchError naming the bank, the
         field and both values. A different checkpoint (when given) is too, unless `allow_other_checkpoint`:
         then the bank's age in steps is logged; `expect_checkpoint=None` checks no checkpoint (a tool that has

@@ -40,12 +40,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from m3jax import parallel
-from m3jax.config import DEFAULT_LOGICAL_AXIS_RULES
 from m3jax.model import attention as attn_lib
+from m3jax.model import params as params_lib
 from m3jax.model.config import ModelConfig
 from m3jax.model.transformer import Transformer
-
-REF_LEN = 128  # tokens of a reference after the sink (config.memory.ref_len)
+from m3jax.parallel import DEFAULT_LOGICAL_AXIS_RULES
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -87,16 +86,16 @@ def rerotate(keys: jax.Array, shift: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------ encoding
-@functools.cache
-def _graphdef(cfg: ModelConfig):
-    with nnx.use_eager_sharding(False):
-        return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
+def encode(params, tokens, lengths, sink_tokens, *, cfg: ModelConfig, k: int, ref_len: int,
+           rules=DEFAULT_LOGICAL_AXIS_RULES):
+    """The pure encoder (jittable; `encode_documents` jits and shards it): each row of `tokens` [b, P·ref_len]
+    (its first lengths[b] tokens real) encoded after the sink in one forward and cut into P pieces of `ref_len`.
 
-
-def _encode(params, tokens, lengths, sink_tokens, *, cfg: ModelConfig, k: int, ref_len: int, rules):
-    """tokens [b, P·ref_len], lengths [b] -> (kv [b, P, Lm, 2, mkv, k, d], positions [b, P, Lm, mkv, k])."""
+    params: the model's parameter dict; sink_tokens: [p] int32. Returns (kv [b, P, Lm, 2, mkv, k, d] in the compute
+    dtype, positions [b, P, Lm, mkv, k] int32), as the module docstring describes.
+    """
     with parallel.axis_rules(rules):
-        model = nnx.merge(_graphdef(cfg), params)
+        model = params_lib.model_from(cfg, params)
         (b, t), p = tokens.shape, sink_tokens.shape[0]
         pieces = t // ref_len
         real = jnp.arange(t)[None, :] < lengths[:, None]  # [b, t]
@@ -136,7 +135,7 @@ def _encode(params, tokens, lengths, sink_tokens, *, cfg: ModelConfig, k: int, r
 
 @functools.cache
 def _encoder(cfg: ModelConfig, k: int, ref_len: int, rules, batch_sharding: NamedSharding | None):
-    fn = functools.partial(_encode, cfg=cfg, k=k, ref_len=ref_len, rules=rules)
+    fn = functools.partial(encode, cfg=cfg, k=k, ref_len=ref_len, rules=rules)
     if batch_sharding is None:
         return jax.jit(fn)
     return jax.jit(fn, out_shardings=(batch_sharding, batch_sharding))
@@ -149,7 +148,7 @@ def _params_of(params_or_model: Transformer | Mapping[str, Any]):
 
 
 def encode_documents(params: Transformer | Mapping[str, Any], cfg: ModelConfig, tokens, lengths, sink_tokens, *,
-                     k: int, ref_len: int = REF_LEN, mesh: Mesh | None = None,
+                     k: int | None = None, ref_len: int | None = None, mesh: Mesh | None = None,
                      rules=DEFAULT_LOGICAL_AXIS_RULES) -> tuple[jax.Array, jax.Array]:
     """Memories of whole documents (Remark 3): each encoded in one forward, cut into `ref_len`-token pieces.
 
@@ -159,10 +158,13 @@ def encode_documents(params: Transformer | Mapping[str, Any], cfg: ModelConfig, 
     encodes its own slice), the batch is sharded over the mesh axes of the logical axis "batch" in `rules`
     (data, fsdp by default; b must divide); parameters stay as given. Returns kv [b, P, Lm, 2, mkv, k, d] and
     positions [b, P, Lm, mkv, k] (P = ceil(T / ref_len); a piece's kept keys re-rotated to p + in-piece
-    offset; a piece past a row's length is all padding: -1).
+    offset; a piece past a row's length is all padding: -1). k and ref_len default to the model's memory
+    geometry (`cfg.memory_k`, `cfg.memory_ref_len`).
     """
     if not cfg.has_memory:
-        raise ValueError("the model has no memory layers (config.memory.enabled=False): nothing to encode")
+        raise ValueError("the model has no memory heads (config.memory.heads=False): nothing to encode")
+    k = cfg.memory_k if k is None else k
+    ref_len = cfg.memory_ref_len if ref_len is None else ref_len
     tokens, lengths = np.asarray(tokens, np.int32), np.asarray(lengths, np.int32)
     if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
         raise ValueError(f"tokens must be [b, T] and lengths [b], got {tokens.shape} and {lengths.shape}")
@@ -179,16 +181,15 @@ def encode_documents(params: Transformer | Mapping[str, Any], cfg: ModelConfig, 
     if tokens.shape[0] % shards:
         raise ValueError(f"the batch of {tokens.shape[0]} does not divide over {shards} batch shards of the mesh")
     tokens, lengths = jax.device_put((tokens, lengths), sharding)
-    _graphdef(cfg)  # built (and cached) outside the mesh: under one, nnx.eval_shape would shard it by logical names
     with jax.set_mesh(mesh):
         return _encoder(cfg, k, ref_len, rules, sharding)(_params_of(params), tokens, lengths, sink_tokens)
 
 
 def encode_references(params: Transformer | Mapping[str, Any], cfg: ModelConfig, tokens, lengths, sink_tokens, *,
-                      k: int, mesh: Mesh | None = None,
+                      k: int | None = None, mesh: Mesh | None = None,
                       rules=DEFAULT_LOGICAL_AXIS_RULES) -> tuple[jax.Array, jax.Array]:
     """Memories of references, each encoded on its own: tokens [n, ref_len] int32 (padded to the reference
-    length, usually 128; see `encode_documents` for lengths, padding, params and the mesh), lengths [n],
+    length; see `encode_documents` for lengths, padding, params and the mesh), lengths [n],
     sink_tokens [p]. Returns kv [n, Lm, 2, mkv, k, head_dim] (compute dtype) and positions [n, Lm, mkv, k]
     int32 (p … p + ref_len − 1 sorted, −1 = padding)."""
     tokens = np.asarray(tokens, np.int32)

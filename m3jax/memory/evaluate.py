@@ -29,15 +29,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from m3jax.data.corpus import Document
 from m3jax.data.prepare import heldout_split
 from m3jax.data.tokenizer import Tokenizer
 from m3jax.memory.codecs import get_codec
-from m3jax.memory.encode import _graphdef, encode_references
+from m3jax.memory.encode import encode_references
+from m3jax.model import params as params_lib
 from m3jax.model.config import ModelConfig
-from m3jax.model.memory import Memory
+from m3jax.model.memory import Memory, valid_keys
 
 NO_CODEC = "none"  # the encoder's output as it is, not stored
 
@@ -127,7 +127,7 @@ def _nll_fn(cfg: ModelConfig):
     """jit(params, inputs, positions, segment_ids, targets, weights, memory_group, memory) -> nll sums [b]."""
 
     def nll(params, inputs, positions, segment_ids, targets, weights, memory_group, memory):
-        logits = nnx.merge(_graphdef(cfg), params)(inputs, positions, segment_ids, memory_group, memory)
+        logits = params_lib.model_from(cfg, params)(inputs, positions, segment_ids, memory_group, memory)
         logp = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] * weights, axis=-1)
 
@@ -137,18 +137,10 @@ def _nll_fn(cfg: ModelConfig):
 def single_memory(kv, positions, sink: np.ndarray, groups: int) -> Memory:
     """A `Memory` in which row i reads memory i in every one of its `groups` groups (one slot each).
 
-    kv: [b, Lm, 2, mkv, k, d] (encode_references' layout, decoded); positions: [b, Lm, mkv, k] (-1 = padding:
-    a reference shorter than k pads the same slots in every layer and head).
+    kv: [b, Lm, 2, mkv, k, d] (encode_references' layout, decoded); positions: [b, Lm, mkv, k] (-1 = padding).
     """
-    positions = np.asarray(positions)
-    kept = positions >= 0
-    if not (kept == kept[:, :1, :1]).all():
-        raise ValueError("padding slots differ between memory layers or heads; Memory.valid is per memory")
-    keys = jnp.moveaxis(kv[:, :, 0], 0, 1)[:, :, None]  # [Lm, b, 1, mkv, k, d]
-    values = jnp.moveaxis(kv[:, :, 1], 0, 1)[:, :, None]
     b = kv.shape[0]
-    return Memory(keys=keys, values=values, index=jnp.zeros((b, groups, 1), jnp.int32),
-                  valid=jnp.asarray(kept[:, 0, :1]), sink_tokens=jnp.asarray(sink, jnp.int32))
+    return Memory.from_rows(kv[:, None], np.zeros((b, groups, 1), np.int32), valid_keys(positions)[:, None], sink)
 
 
 def stored(kv: jax.Array, codec: str) -> jax.Array:
@@ -170,17 +162,17 @@ def condition_names(ks: Sequence[int], codecs: Sequence[str]) -> list[str]:
 
 
 def passage_nll(params: Mapping[str, Any], cfg: ModelConfig, passages: Passages, sink: np.ndarray, *, bos_id: int,
-                ks: Sequence[int], codecs: Sequence[str], ref_len: int, batch_size: int = 16,
+                ks: Sequence[int], codecs: Sequence[str], batch_size: int = 16,
                 partners: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Summed next-token loss of each passage's context under each condition (see the module docstring).
 
     params: the model's parameter dict; cfg: a ModelConfig with memory layers. Returns {condition: nll [n]
     float64} plus "tokens": the scored tokens of each passage [n]. Shuffled memories use `partners` (default
-    `shuffled_partners`) and the first codec.
+    `shuffled_partners`) and the first codec. Passages are `cfg.memory_ref_len` tokens long.
     """
     if not cfg.has_memory:
-        raise ValueError("the model config has no memory layers (config.memory.enabled=False)")
-    n, p = len(passages), len(sink)
+        raise ValueError("the model config has no memory heads (config.memory.heads=False)")
+    n, p, ref_len = len(passages), len(sink), cfg.memory_ref_len
     if passages.tokens.shape[1] != ref_len:
         raise ValueError(f"passages of {passages.tokens.shape[1]} tokens, expected ref_len={ref_len}")
     partners = shuffled_partners(passages.doc_ids) if partners is None else np.asarray(partners)
@@ -193,7 +185,7 @@ def passage_nll(params: Mapping[str, Any], cfg: ModelConfig, passages: Passages,
         real = slice(0, min(batch_size, n - start))  # shape for every batch, one compilation
         ctx = Context.of(passages.tokens[rows], passages.lengths[rows], bos_id, cfg.memory_chunk_size)
         score = functools.partial(nll, params, ctx.inputs)
-        mem_pos = ctx.positions(p + ref_len)
+        mem_pos = ctx.positions(cfg.context_start(p))
         for k in ks:
             for who, ids in (("own", rows), ("shuffled", partners[rows])):
                 kv, positions = encode_references(params, cfg, passages.tokens[ids], passages.lengths[ids], sink, k=k)

@@ -1,11 +1,6 @@
 """Writing a memory bank from a knowledge base: references, their ids, batched encoding, resumable slices.
 
-References. Documents come from `m3jax.data.corpus.load_corpus` ("embedded": sorted by doc_id; text and JSONL
-files: in the order given, each glob sorted; JSONL lines in file order). Each document is tokenized whole,
-without BOS, and cut into consecutive pieces of `ref_len` tokens; the last piece holds what is left (1 … ref_len
-tokens) and is a reference of its own, shorter; a document without tokens gives none. Reference ids run over the
-documents in that order, then over each document's pieces in order, so id r depends only on the knowledge base,
-the tokenizer and ref_len: every process of a writer, every restart and every reader computes the same ids.
+References: `m3jax.memory.knowledge` (ids depend only on the knowledge base, the tokenizer and ref_len).
 
 Encoding. By default each reference is encoded on its own (`encode_documents` with one piece per row, which is
 `encode_references`). With `window_refs` = W > 1 (the paper's Remark 3), each document is encoded in windows of
@@ -38,8 +33,6 @@ number of references) is refused rather than mixing two kinds of memories in one
 from __future__ import annotations
 
 import collections
-import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -48,92 +41,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import tensorstore as ts
 from absl import logging
 from jax.sharding import Mesh
 
 from m3jax import parallel
-from m3jax.config import DEFAULT_LOGICAL_AXIS_RULES
-from m3jax.data.corpus import load_corpus
-from m3jax.data.tokenizer import Tokenizer
 from m3jax.memory import bank as bank_lib
 from m3jax.memory.bank import BankMismatchError, MemoryBank
 from m3jax.memory.encode import encode_documents
+from m3jax.memory.knowledge import References
 from m3jax.model.config import ModelConfig
+from m3jax.parallel import DEFAULT_LOGICAL_AXIS_RULES
 
 RECORD_KEY = "writer.json"
 RECORD_FORMAT = 1
-# config.model fields that must equal those a checkpoint was trained with (the parameters' shapes and meaning).
-ARCH_FIELDS = ("vocab_size", "vocab_multiple", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-               "mlp_dim", "rope_base", "norm_eps")
-_ENCODE_CHUNK = 256  # documents tokenized per call: bounds memory on large knowledge bases
 _WRITES_IN_FLIGHT = 2  # bank writes queued behind the encoder
-
-
-def sink_tokens(tokenizer: Tokenizer, sink_text: str) -> np.ndarray:
-    """The modified BOS "<s>Reference:": the ordinary <s> id followed by the tokenized `sink_text`, [p] int32."""
-    return np.asarray([tokenizer.bos_id, *tokenizer.encode(sink_text)], np.int32)
-
-
-# ------------------------------------------------------------------------------------------------ references
-@dataclasses.dataclass(frozen=True)
-class References:
-    """n references of at most `ref_len` tokens, in id order (see the module docstring)."""
-
-    ref_len: int
-    tokens: np.ndarray  # [T] int32: every document's tokens, concatenated in order; each token in one reference
-    starts: np.ndarray  # [n] int64: where reference r begins in `tokens`
-    lengths: np.ndarray  # [n] int32: 1 … ref_len
-    doc_index: np.ndarray  # [n] int32: the document of reference r (an index into doc_ids)
-    doc_ids: tuple[str, ...]  # every document, including those that gave no reference
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def rows(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        """Reference tokens [m, ref_len] int32 (-1 past a reference's length) and lengths [m] of `ids`."""
-        ids = np.asarray(ids, np.int64)
-        lengths = self.lengths[ids]
-        offsets = np.arange(self.ref_len)
-        real = offsets[None, :] < lengths[:, None]
-        index = np.where(real, self.starts[ids, None] + offsets[None, :], 0)
-        return np.where(real, self.tokens[index], -1).astype(np.int32), lengths
-
-    def sha256(self) -> str:
-        """Identifies the references: ref_len, every reference's document, length and tokens."""
-        h = hashlib.sha256(np.int64(self.ref_len).tobytes())
-        for a in (self.doc_index, self.lengths, self.tokens):
-            h.update(np.ascontiguousarray(a, np.int32).tobytes())
-        return h.hexdigest()
-
-
-def cut_references(documents: Sequence[tuple[str, Sequence[int]]], ref_len: int) -> References:
-    """(doc_id, token ids) of each document, in order -> its consecutive `ref_len`-token pieces as references."""
-    if ref_len < 1:
-        raise ValueError(f"ref_len must be positive, got {ref_len}")
-    doc_ids = tuple(doc_id for doc_id, _ in documents)
-    doc_lengths = np.asarray([len(ids) for _, ids in documents], np.int64)
-    tokens = np.concatenate([np.asarray(ids, np.int32) for _, ids in documents] or [np.zeros(0, np.int32)])
-    pieces = -(-doc_lengths // ref_len)  # ceil: the tail is a piece of its own
-    doc_index = np.repeat(np.arange(len(documents), dtype=np.int32), pieces)
-    piece = np.arange(len(doc_index)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-    doc_start = np.cumsum(doc_lengths) - doc_lengths
-    starts = doc_start[doc_index] + piece * ref_len
-    lengths = np.minimum(ref_len, doc_lengths[doc_index] - piece * ref_len).astype(np.int32)
-    return References(ref_len=ref_len, tokens=tokens, starts=starts.astype(np.int64), lengths=lengths,
-                      doc_index=doc_index, doc_ids=doc_ids)
-
-
-def load_references(spec: str, tokenizer: Tokenizer, ref_len: int) -> References:
-    """The references of a knowledge base: "embedded", or comma-separated text/JSONL paths or globs."""
-    docs = load_corpus(spec)
-    ids: list[list[int]] = []
-    for start in range(0, len(docs), _ENCODE_CHUNK):
-        ids.extend(tokenizer.encode_batch([d.text for d in docs[start:start + _ENCODE_CHUNK]]))
-    refs = cut_references([(d.doc_id, i) for d, i in zip(docs, ids, strict=True)], ref_len)
-    if not len(refs):
-        raise ValueError(f"knowledge base {spec!r}: {len(docs)} documents and no tokens, so no references")
-    return refs
 
 
 def units(refs: References, window_refs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,23 +74,6 @@ def units(refs: References, window_refs: int) -> tuple[np.ndarray, np.ndarray]:
     return first, np.diff(np.append(first, n))
 
 
-# ------------------------------------------------------------------------------------------------ checkpoint
-def checkpoint_identity(step_dir, saved_config: Mapping[str, Any]) -> dict[str, Any]:
-    """{run_id, step} of a checkpoint step directory (…/WORKDIR/checkpoints/STEP): run_id is the run_name saved
-    with it, else the workdir's name."""
-    run_id = saved_config.get("run_name") or step_dir.parent.parent.name
-    return {"run_id": str(run_id), "step": int(step_dir.name)}
-
-
-def check_model_matches(model_cfg, saved_config: Mapping[str, Any]) -> None:
-    """config.model must describe the checkpoint's model: each of ARCH_FIELDS it saved is equal."""
-    saved = saved_config.get("model", {})
-    for key in ARCH_FIELDS:
-        if key in saved and saved[key] != model_cfg[key]:
-            raise ValueError(f"config.model.{key}={model_cfg[key]!r} but the checkpoint was trained with "
-                             f"{saved[key]!r}")
-
-
 # ------------------------------------------------------------------------------------------------ the bank
 def writer_record(refs: References, window_refs: int, dtype: str) -> dict[str, Any]:
     """What `writer.json` holds (see the module docstring)."""
@@ -180,9 +84,8 @@ def writer_record(refs: References, window_refs: int, dtype: str) -> dict[str, A
 
 def read_record(path) -> dict[str, Any] | None:
     """The writer record of the bank at `path` (None when it has none)."""
-    kvstore = ts.KvStore.open(bank_lib._root(path), context=bank_lib._default_context()).result()
-    found = kvstore.read(RECORD_KEY).result()
-    return json.loads(found.value) if found.state == "value" else None
+    text = bank_lib.read_side_file(path, RECORD_KEY)
+    return None if text is None else json.loads(text)
 
 
 def _check_record(path, record: Mapping[str, Any], *, store: bool = True) -> None:
@@ -191,11 +94,7 @@ def _check_record(path, record: Mapping[str, Any], *, store: bool = True) -> Non
     if theirs is None:
         if not store:
             return
-        kvstore = ts.KvStore.open(bank_lib._root(path), context=bank_lib._default_context()).result()
-        found = kvstore.read(RECORD_KEY).result()
-        text = json.dumps(dict(record), indent=1, sort_keys=True)
-        if found.state != "value" and kvstore.write(RECORD_KEY, text,
-                                                     if_equal=found.stamp.generation).result().generation:
+        if bank_lib.create_side_file(path, RECORD_KEY, json.dumps(dict(record), indent=1, sort_keys=True)):
             return
         theirs = read_record(path)  # another process stored it first
     diffs = [f"{k}: bank {theirs.get(k)!r}, this writer {record[k]!r}" for k in record if theirs.get(k) != record[k]]
@@ -314,7 +213,8 @@ class _RunWriter:
             self.pool.shutdown(wait=True)
 
 
-def write_references(bank: MemoryBank, params, cfg: ModelConfig, refs: References, sink: np.ndarray, *, k: int,
+def write_references(bank: MemoryBank, params, cfg: ModelConfig, refs: References, sink: np.ndarray, *,
+                     k: int | None = None,
                      batch_size: int, window_refs: int = 1, mesh: Mesh | None = None,
                      rules=DEFAULT_LOGICAL_AXIS_RULES, process_index: int = 0, process_count: int = 1,
                      log_every_s: float = 10.0, log: Callable[[str], None] = logging.info) -> dict[str, Any]:

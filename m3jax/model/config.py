@@ -1,10 +1,18 @@
-"""The model's hyper-parameters as a frozen (hashable) dataclass built from `config.model`."""
+"""The model's hyper-parameters as a frozen (hashable) dataclass built from `config.model` and `config.memory`."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
+
+# The config.model fields that fix what the parameters are (their shapes and what they compute). Parameters
+# are usable only under a config that agrees on every one of them: loading a checkpoint for a job checks them, and
+# a memory bank's identity records them (with the memory geometry, `ModelConfig.architecture`).
+ARCHITECTURE_FIELDS = ("vocab_size", "vocab_multiple", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
+                       "head_dim", "mlp_dim", "rope_base", "norm_eps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,21 +33,44 @@ class ModelConfig:
     scan_layers: bool = True
     # Memory heads (empty = the plain model): the memory layers, in order (Memory.keys[j] is for layer
     # memory_layers[j]); the KV heads that are memory heads, shared by every memory layer; the longest span of
-    # positions one memory group's tokens may cover (Memory3's chunk size).
+    # positions one memory group's tokens may cover (Memory3's chunk size); the tokens of a reference after the
+    # sink (memory keys sit at positions [p, p + memory_ref_len), the context starts at p + memory_ref_len); the
+    # tokens kept per memory per memory KV head.
     memory_layers: tuple[int, ...] = ()
     memory_kv_heads: tuple[int, ...] = ()
     memory_chunk_size: int = 64
+    memory_ref_len: int = 128
+    memory_k: int = 8
 
     @classmethod
-    def from_config(cls, model_cfg, memory_cfg=None) -> ModelConfig:
-        """From `config.model`, plus `config.memory` when given and enabled."""
+    def from_config(cls, model_cfg: Mapping[str, Any], memory_cfg: Mapping[str, Any] | None = None) -> ModelConfig:
+        """From `config.model`, and the memory geometry of `config.memory` when given with `heads` set (ConfigDicts,
+        or the dicts saved with a checkpoint). Every job builds its model config this way."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in model_cfg.items() if k in fields}
-        if memory_cfg is not None and memory_cfg.enabled:
-            kwargs.update(memory_layers=resolve_memory_layers(memory_cfg.layers, model_cfg.num_layers),
-                          memory_kv_heads=resolve_memory_kv_heads(memory_cfg.kv_heads, model_cfg.num_kv_heads),
-                          memory_chunk_size=int(memory_cfg.chunk_size))
+        kwargs = {k: v for k, v in dict(model_cfg).items() if k in fields}
+        if memory_cfg is not None and memory_cfg["heads"]:
+            kwargs.update(memory_layers=resolve_memory_layers(memory_cfg["layers"], model_cfg["num_layers"]),
+                          memory_kv_heads=resolve_memory_kv_heads(memory_cfg["kv_heads"], model_cfg["num_kv_heads"]),
+                          memory_chunk_size=int(memory_cfg["chunk_size"]), memory_ref_len=int(memory_cfg["ref_len"]),
+                          memory_k=int(memory_cfg["k"]))
         return cls(**kwargs)
+
+    def architecture(self) -> dict[str, Any]:
+        """What determines the parameters and a memory's key/values (JSON-ready): `ARCHITECTURE_FIELDS` and the
+        memory geometry. A memory bank records it; a reader with another architecture is refused."""
+        if not self.has_memory:
+            raise ValueError("the model has no memory heads (config.memory.heads=False): it reads and writes no "
+                             "memory")
+        arch = {f: getattr(self, f) for f in ARCHITECTURE_FIELDS}
+        arch.update(rope_base=float(self.rope_base), norm_eps=float(self.norm_eps),
+                    memory_layers=list(self.memory_layers), memory_kv_heads=list(self.memory_kv_heads),
+                    k=self.memory_k, ref_len=self.memory_ref_len)
+        return arch
+
+    def context_start(self, sink_len: int) -> int:
+        """The first context position of a model reading memory: after the sink [0, p) and the memory keys
+        [p, p + memory_ref_len) (docs/memory.md)."""
+        return sink_len + self.memory_ref_len
 
     @property
     def has_memory(self) -> bool:

@@ -30,7 +30,14 @@ BATCH, SEQ, EMBED = "batch", "seq", "act_embed"
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), out_sharding=axes)
+    return _annotated(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes)
+
+
+def _annotated(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+    """A parameter carrying its *logical* axis names. They mean something only through the config's logical axis
+    rules (`m3jax.model.params.param_shardings`), so flax never shards it by them eagerly: a model builds the same
+    inside or outside a mesh."""
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -66,12 +73,12 @@ class Block(nnx.Module):
         n, d, h, kv, hd, f = (num_stacked, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                               cfg.mlp_dim)
         std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
-        self.attn_norm = nnx.Param(jnp.ones((n, d), jnp.float32), out_sharding=("layers", "norm"))
+        self.attn_norm = _annotated(jnp.ones((n, d), jnp.float32), ("layers", "norm"))
         self.wq = _param(rngs, (n, d, h, hd), ("layers", "embed", "heads", "head_dim"), std)
         self.wk = _param(rngs, (n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim"), std)
         self.wv = _param(rngs, (n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim"), std)
         self.wo = _param(rngs, (n, h, hd, d), ("layers", "heads", "head_dim", "embed"), out_std)
-        self.mlp_norm = nnx.Param(jnp.ones((n, d), jnp.float32), out_sharding=("layers", "norm"))
+        self.mlp_norm = _annotated(jnp.ones((n, d), jnp.float32), ("layers", "norm"))
         self.w_gate = _param(rngs, (n, d, f), ("layers", "embed", "mlp"), std)
         self.w_up = _param(rngs, (n, d, f), ("layers", "embed", "mlp"), std)
         self.w_down = _param(rngs, (n, f, d), ("layers", "mlp", "embed"), out_std)
@@ -148,7 +155,7 @@ class Transformer(nnx.Module):
         d, vp = cfg.hidden_size, cfg.padded_vocab_size
         self.embed = _param(rngs, (vp, d), ("vocab", "embed"), cfg.init_std)
         self.layers = Block(cfg, cfg.num_layers, rngs=rngs)
-        self.final_norm = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("norm",))
+        self.final_norm = _annotated(jnp.ones((d,), jnp.float32), ("norm",))
         self.lm_head = _param(rngs, (d, vp), ("embed", "vocab"), cfg.init_std)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,

@@ -37,8 +37,6 @@ from typing import Any
 import numpy as np
 from scann.scann_ops.py import scann_ops_pybind
 
-from m3jax.config import INDEX_KINDS
-
 INDEX_DIR = "index"  # the index's directory under a bank root
 INDEX_JSON = "index.json"
 FORMAT = 1
@@ -61,6 +59,9 @@ _PARALLEL_BATCH = 256  # scann_ops_pybind.ScannSearcher.search_batched_parallel'
 # Anisotropic quantisation weighs the error parallel to a vector more (it is what moves inner products): ScaNN's
 # recommended threshold for unit-norm maximum-inner-product search.
 _AH_ANISOTROPIC_THRESHOLD = 0.2
+
+
+INDEX_KINDS = ("auto", "brute_force", "tree_ah")
 
 
 class IndexMismatchError(ValueError):

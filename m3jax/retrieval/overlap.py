@@ -270,3 +270,30 @@ def _window_values(by_end: np.ndarray, by_start: np.ndarray, window: np.ndarray,
         values = w - ends[group, w - 1:w - 1 + last] + starts[group, :last]  # [group, last]
         out[group, :last] = values * (col[:last] < n_windows[group, None])
     return out
+
+
+def overlap_dp(reference: np.ndarray, sequence: np.ndarray) -> float:
+    """The eq. 6 overlap by its definition, with the textbook LCS dynamic programme: a slow, independent reference
+    for `overlap` (equal to it on every input), for checks and for timing the combing against.
+
+    Token ids are cleaned as in `overlap` (negative ids dropped; an empty reference or sequence has overlap 0).
+    Each window of exactly L = min(2|r|, |s|) tokens gets the quadratic table of LCS(r[:i], w[:j]) (windows of L
+    tokens suffice: LCS only grows with the window), filled cell by cell,
+
+        T[i][j] = max(T[i-1][j], T[i][j-1], T[i-1][j-1] + [r_i == w_j]),
+
+    for all |s| − L + 1 windows at once (numpy over the windows): |r| · L steps, O(|r| · L · |s|) work.
+    """
+    r, s = _ids(reference, "reference"), _ids(sequence, "sequence")
+    if r.size == 0 or s.size == 0:
+        return 0.0
+    width = min(2 * r.size, s.size)
+    windows = np.lib.stride_tricks.sliding_window_view(s, width).T  # [width, windows]: windows[j] = w_j of each
+    prev = np.zeros((width + 1, windows.shape[1]), np.int64)  # T[i - 1][0..width] of every window
+    for token in r:
+        row = np.zeros_like(prev)
+        for j in range(1, width + 1):
+            np.maximum(prev[j], row[j - 1], out=row[j])
+            np.maximum(row[j], prev[j - 1] + (windows[j - 1] == token), out=row[j])
+        prev = row
+    return int(prev[width].max()) / r.size

@@ -1,6 +1,6 @@
 """Retrieval for training data: the references each chunk of every record reads, stored beside the data.
 
-For each record of a prepared split (`m3jax.data.prepare`) and each of its chunks (`m3jax.retrieval.chunks`):
+For each record of a prepared split (`m3jax.data.prepare`) and each of its chunks (`m3jax.memory.layout`):
 the chunk's text (its tokens decoded by the data's tokenizer) is embedded, the index returns `candidates`
 references, and the leaking ones are dropped:
 - provenance: a reference cut from text of the record itself (same corpus document, token spans that meet) —
@@ -33,7 +33,7 @@ import numpy as np
 
 from m3jax.data.records import split_source
 from m3jax.data.tokenizer import Tokenizer
-from m3jax.retrieval import chunks
+from m3jax.memory import layout
 from m3jax.retrieval.blocks import Blocks, create_meta, read_meta
 from m3jax.retrieval.overlap import leaking
 
@@ -45,7 +45,7 @@ FORMAT = 1
 @dataclasses.dataclass(frozen=True)
 class Provenance:
     """Where each reference was cut from: corpus document [n], first token [n], length [n] (document tokens,
-    without bos; see `m3jax.memory.writer.cut_references`)."""
+    without bos; see `m3jax.memory.knowledge.cut_references`)."""
 
     doc: np.ndarray
     start: np.ndarray
@@ -53,7 +53,7 @@ class Provenance:
 
     @classmethod
     def of(cls, refs) -> Provenance:
-        """From `m3jax.memory.writer.References` (starts there are offsets in the concatenated corpus)."""
+        """From `m3jax.memory.knowledge.References` (starts there are offsets in the concatenated corpus)."""
         doc_first = np.zeros(len(refs.doc_ids), np.int64)
         new_doc = np.concatenate([[True], refs.doc_index[1:] != refs.doc_index[:-1]])
         doc_first[refs.doc_index[new_doc]] = refs.starts[new_doc]
@@ -85,7 +85,7 @@ class RetrievalSettings:
     def from_config(cls, config) -> RetrievalSettings:
         r = config.retrieval
         return cls(chunk_size=config.memory.chunk_size,
-                   num_groups=chunks.max_groups(config.data.seq_len, config.memory.chunk_size),
+                   num_groups=layout.max_groups(config.data.seq_len, config.memory.chunk_size),
                    refs_per_chunk=r.refs_per_chunk, candidates=r.candidates, max_overlap=r.train_max_overlap,
                    min_tokens=r.min_chunk_tokens)
 
@@ -111,11 +111,11 @@ class ChunkRetriever:
         s = self.settings
         inputs, seg = np.asarray(records["inputs"]), np.asarray(records["segment_ids"])
         n = inputs.shape[0]
-        group, lost = chunks.chunk_groups(seg, s.chunk_size, s.num_groups)
+        group, lost = layout.chunk_groups(seg, s.chunk_size, s.num_groups)
         queries, where = [], []
         used = np.zeros((n, s.num_groups), bool)
         for i in range(n):
-            starts, stops = chunks.group_spans(group[i], s.num_groups)
+            starts, stops = layout.group_spans(group[i], s.num_groups)
             used[i] = stops > starts
             for g in np.flatnonzero(stops - starts >= s.min_tokens):
                 queries.append(self.tokenizer.decode(inputs[i, starts[g]:stops[g]]))

@@ -1,8 +1,8 @@
 """`python -m m3jax.train --config=configs/warmup.py --workdir=DIR [--config.key=value ...] [--dry_run]`.
 
 `--dry_run --topology=v5p:4x4x4` also compiles the train step ahead of time for that TPU topology (needs libtpu:
-`pip install -r requirements-tpu.txt`) and checks that it fits in HBM; the exit status says whether it does (see
-`m3jax.train.aot.dry_run`).
+`make venv-tpu` puts it in .venv/tpu-extra, which only this compilation loads, see `m3jax.train.aot.tpu_devices`) and
+checks that it fits in HBM; the exit status says whether it does (see `m3jax.train.aot.dry_run`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the model abstractly and print its size; no training.")
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "With --dry_run: compile the train step ahead of time for this TPU topology (e.g. v5p:4x4x4, "
-    "v5e:4x4) and check that it fits in HBM (needs libtpu).")
+    "v5e:4x4) and check that it fits in HBM (needs libtpu: make venv-tpu).")
 
 
 def main(argv):

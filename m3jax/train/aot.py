@@ -21,11 +21,13 @@ import ml_collections
 from jax.experimental import topologies
 
 from m3jax import parallel
-from m3jax.config import MESH_AXES, ConfigError, validate
+from m3jax.config import ConfigError, validate
 from m3jax.model import ModelConfig
+from m3jax.model import params as params_lib
 from m3jax.model.attention import CAUSAL_BLOCK_SIZE
+from m3jax.parallel import MESH_AXES
 from m3jax.train import loop
-from m3jax.train.step import BATCH_FIELDS, Trainer, abstract_model
+from m3jax.train.step import Trainer
 
 GiB = 2**30
 
@@ -37,7 +39,10 @@ HBM_BYTES = {
     "TPU v6 lite": 32 * GiB,
 }
 
-ENABLE_HINT = "pip install -r requirements-tpu.txt"  # libtpu: what compiles for TPU topologies on any host
+# libtpu: what compiles for TPU topologies on any host (see `tpu_devices` for where it is looked for).
+ENABLE_HINT = ("make venv-tpu (libtpu into .venv/tpu-extra, which only the fit check loads; elsewhere: pip install "
+               "--target DIR -r requirements-tpu.txt, then M3JAX_TPU_EXTRA=DIR); on a TPU host: pip install -r "
+               "requirements-tpu.txt")
 
 
 class TopologyUnavailable(RuntimeError):
@@ -49,7 +54,27 @@ class TopologyError(ValueError):
 
 
 def tpu_devices(topology_name: str) -> list[jax.Device]:
-    """The abstract (compile-only) devices of a TPU topology such as `v5p:4x4x4`, `v5e:4x4` or `v6e:2x2`."""
+    """The abstract (compile-only) devices of a TPU topology such as `v5p:4x4x4`, `v5e:4x4` or `v6e:2x2`.
+
+    libtpu is taken where jax itself finds it (a `TPU_LIBRARY_PATH` file, or an importable `libtpu`: a TPU host's
+    `pip install -r requirements-tpu.txt`), else from the TPU extra: `$M3JAX_TPU_EXTRA`, by default `tpu-extra` in
+    this environment (`sys.prefix`), where `make venv-tpu` installs it outside the import path. jax starts a TPU in
+    every process that can find libtpu, which on a host without one prints start-up errors and crashes jax's profiler,
+    so only this call shows jax the extra: through `TPU_LIBRARY_PATH`, set while the plugin loads and then restored
+    (child processes do not inherit it). Loading it prints libtpu's warnings about TPU_ACCELERATOR_TYPE and
+    TPU_WORKER_HOSTNAMES once; they do not affect the compilation.
+    """
+    import importlib.util
+    import os
+
+    extra_library = os.path.join(os.environ.get("M3JAX_TPU_EXTRA") or os.path.join(sys.prefix, "tpu-extra"),
+                                 "libtpu", "libtpu.so")
+    jax_finds_it = (os.path.isfile(os.environ.get("TPU_LIBRARY_PATH", ""))
+                    or importlib.util.find_spec("libtpu") is not None)
+    use_extra = not jax_finds_it and os.path.isfile(extra_library)
+    saved = os.environ.get("TPU_LIBRARY_PATH")
+    if use_extra:
+        os.environ["TPU_LIBRARY_PATH"] = extra_library  # read by jax when it loads the plugin, in the call below
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology_name).devices)
     except jax.errors.JaxRuntimeError as e:  # libtpu rejects the name
@@ -57,8 +82,14 @@ def tpu_devices(topology_name: str) -> list[jax.Device]:
                             f"v4:2x2x2): {e}") from e
     except RuntimeError as e:  # jax found no TPU plugin
         raise TopologyUnavailable(
-            f"libtpu is not installed, so nothing here compiles for {topology_name!r} ({e}); to enable the check: "
-            f"{ENABLE_HINT}") from e
+            f"libtpu is not installed, so nothing here compiles for {topology_name!r} ({e}; no importable libtpu, "
+            f"no TPU_LIBRARY_PATH file, no {extra_library}); to enable the check: {ENABLE_HINT}") from e
+    finally:
+        if use_extra:  # the loaded plugin stays; later calls do not read the path again
+            if saved is None:
+                os.environ.pop("TPU_LIBRARY_PATH", None)
+            else:
+                os.environ["TPU_LIBRARY_PATH"] = saved
 
 
 def hbm_bytes_per_device(devices: list[jax.Device]) -> int:
@@ -69,12 +100,6 @@ def hbm_bytes_per_device(devices: list[jax.Device]) -> int:
                             f"(known: {sorted(HBM_BYTES)})")
     chips = len({tuple(d.coords) for d in devices})
     return HBM_BYTES[kind] * chips // len(devices)
-
-
-def abstract_batch(config: ml_collections.ConfigDict, sharding) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch as int32 [global_batch_size, seq_len] ShapeDtypeStructs, one per field."""
-    shape = (int(config.data.global_batch_size), int(config.data.seq_len))
-    return {f: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for f in BATCH_FIELDS}
 
 
 # The TPU compiler's own out-of-memory verdict, e.g. "RESOURCE_EXHAUSTED: ... CompileTimeHbmOom: ... the total memory
@@ -104,7 +129,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str) 
     report = {"topology": topology_name, "device_kind": devices[0].device_kind, "num_devices": len(devices),
               "mesh": dict(mesh.shape), "hbm_bytes": hbm}
     t0 = time.perf_counter()
-    lowered = trainer.lower_train_step(trainer.abstract_state(), abstract_batch(config, trainer.batch_sharding))
+    lowered = trainer.lower_train_step(trainer.abstract_state(), trainer.abstract_batch())
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -145,10 +170,10 @@ def analytic_memory(config: ml_collections.ConfigDict, num_devices: int) -> dict
     The activation term is rough (it ignores fusion and XLA's buffer reuse; on memory3_2b it is within ~±30% of
     the compiled figure): trust `compile_for_topology` for the verdict.
     """
-    cfg = ModelConfig.from_config(config.model)
+    cfg = ModelConfig.from_config(config.model, config.memory)
     mesh = parallel.mesh_shape(config.mesh, num_devices)
     rules = tuple(tuple(r) for r in config.logical_axis_rules)
-    _, params, specs = abstract_model(cfg)
+    params, specs = params_lib.abstract_params(cfg), params_lib.param_specs(cfg)
 
     def per_device(shape, spec) -> int:
         axes = parallel.logical_to_spec(tuple(spec), rules)

@@ -1,8 +1,8 @@
-"""The train state, the loss, and the jitted, sharded train/eval steps.
+"""The train state and the jitted, sharded train/eval steps of a task.
 
 `Trainer` owns one jit site for each step, with explicit in/out shardings and a donated state. Parameters and
 optimiser states are sharded by the logical axis names of the model's parameters through
-`config.logical_axis_rules`; the batch is sharded over (data, fsdp).
+`config.logical_axis_rules`; each batch field by the logical axes its task's schema gives it.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from m3jax import parallel
-from m3jax.model import ModelConfig, Transformer
+from m3jax.model import ModelConfig
+from m3jax.model import params as params_lib
 from m3jax.train.optimizer import lr_schedule, make_optimizer
-
-BATCH_FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
+from m3jax.train.tasks import Task, task_for
 
 
 @flax.struct.dataclass
@@ -32,45 +31,22 @@ class TrainState:
     lr_scale: jax.Array  # float32 scalar multiplying the scheduled learning rate (lowered by the spike guard)
 
 
-def abstract_model(model_cfg: ModelConfig):
-    """(graphdef, abstract params as a pure dict of ShapeDtypeStruct, logical PartitionSpecs) without allocating."""
-    with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-    return graphdef, nnx.to_pure_dict(state), specs
-
-
-def init_params(model_cfg: ModelConfig, seed: int):
-    """Float32 parameters as a pure dict (call under jit with out_shardings to create them sharded)."""
-    with nnx.use_eager_sharding(False):
-        model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
-    return nnx.to_pure_dict(nnx.split(model)[1])
-
-
-def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float):
-    """Weighted sums over tokens: (cross-entropy + z_loss·lse², cross-entropy, weight). All float32."""
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = (lse - target_logit) * weights
-    total = nll + z_loss * jnp.square(lse) * weights if z_loss else nll
-    return jnp.sum(total), jnp.sum(nll), jnp.sum(weights)
-
-
 class Trainer:
-    """Builds the model abstractly and jits the init, train and eval steps for one mesh."""
+    """Builds the model abstractly and jits the init, train and eval steps of `task` (default: the config's) for
+    one mesh."""
 
-    def __init__(self, config, mesh: Mesh):
+    def __init__(self, config, mesh: Mesh, task: Task | None = None):
         self.config = config
         self.mesh = mesh
+        self.task = task or task_for(config)
         self.rules = tuple(tuple(r) for r in config.logical_axis_rules)
-        self.model_cfg = ModelConfig.from_config(config.model)
+        self.model_cfg = ModelConfig.from_config(config.model, config.memory)
         self.num_steps = int(config.train.num_steps)
         self.optimizer = make_optimizer(config.optimizer, self.num_steps)
         self.schedule = lr_schedule(config.optimizer, self.num_steps)
-        self.graphdef, self.abstract_params, self.param_specs = abstract_model(self.model_cfg)
+        self.abstract_params = params_lib.abstract_params(self.model_cfg)
 
-        self.param_shardings = parallel.tree_shardings(self.param_specs, mesh, self.rules)
+        self.param_shardings = params_lib.param_shardings(self.model_cfg, mesh, self.rules)
         abstract_opt = jax.eval_shape(self.optimizer.init, self.abstract_params)
         replicated = NamedSharding(mesh, PartitionSpec())
         opt_shardings = optax.tree_map_params(
@@ -79,18 +55,20 @@ class Trainer:
         )
         self.state_shardings = TrainState(step=replicated, params=self.param_shardings, opt_state=opt_shardings,
                                           lr_scale=replicated)
-        self.batch_sharding = NamedSharding(mesh, parallel.logical_to_spec(("batch", "seq"), self.rules))
+        self.schema = self.task.schema()
+        self.batch_shardings = {name: NamedSharding(mesh, parallel.logical_to_spec(field.axes, self.rules))
+                                for name, field in self.schema.items()}
 
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
         self._train_step = jax.jit(
             self._train_step_impl,
-            in_shardings=(self.state_shardings, self.batch_sharding),
+            in_shardings=(self.state_shardings, self.batch_shardings),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=(0,),
         )
         self._eval_step = jax.jit(
             self._eval_step_impl,
-            in_shardings=(self.param_shardings, self.batch_sharding),
+            in_shardings=(self.param_shardings, self.batch_shardings),
             out_shardings=replicated,
         )
 
@@ -121,33 +99,27 @@ class Trainer:
         return state.replace(lr_scale=lr_scale)
 
     def _init_state(self) -> TrainState:
-        params = init_params(self.model_cfg, int(self.config.seed))
+        params = params_lib.init_params(self.model_cfg, int(self.config.seed))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params),
                           lr_scale=jnp.ones((), jnp.float32))
 
     # ----------------------------------------------------------------------------------------------- steps
-    def apply(self, params, batch) -> jax.Array:
-        """Logits [batch, seq, padded_vocab] float32 for a batch dict."""
-        model = nnx.merge(self.graphdef, params)
-        return model(batch["inputs"], batch["positions"], batch["segment_ids"])
-
-    def _loss(self, params, batch):
-        logits = self.apply(params, batch)
-        total, nll, weight = loss_sums(logits, batch["targets"], batch["loss_weights"].astype(jnp.float32),
-                                       float(self.config.loss.z_loss))
+    def loss(self, params, batch):
+        """(objective sum, (cross-entropy sum, weight)) of a batch under `params`: the task's loss."""
+        total, nll, weight = self.task.loss(params_lib.model_from(self.model_cfg, params), batch)
         return total, (nll, weight)
 
     def _train_step_impl(self, state: TrainState, batch):
         with parallel.axis_rules(self.rules):
             accum = int(self.config.optimizer.grad_accum_steps)
-            grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+            grad_fn = jax.value_and_grad(self.loss, has_aux=True)
             if accum == 1:
                 (total, (nll, weight)), grads = grad_fn(state.params, batch)
             else:
                 micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
                 def body(carry, mb):
-                    mb = jax.tree.map(lambda x: parallel.shard_activation(x, ("batch", "seq")), mb)
+                    mb = {k: parallel.shard_activation(x, self.schema[k].axes) for k, x in mb.items()}
                     (t, (n, w)), g = grad_fn(state.params, mb)
                     return jax.tree.map(jnp.add, carry, (t, n, w, g)), None
 
@@ -172,7 +144,7 @@ class Trainer:
 
     def _eval_step_impl(self, params, batch):
         with parallel.axis_rules(self.rules):
-            _, (nll, weight) = self._loss(params, batch)
+            _, (nll, weight) = self.loss(params, batch)
             return {"nll_sum": nll, "weight": weight}
 
     def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -189,17 +161,23 @@ class Trainer:
             return self._train_step.lower(state, batch)
 
     # ----------------------------------------------------------------------------------------------- data
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch as ShapeDtypeStructs with their shardings (ahead-of-time compiles)."""
+        return {name: jax.ShapeDtypeStruct(f.shape, f.dtype, sharding=self.batch_shardings[name])
+                for name, f in self.schema.items()}
+
     def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows of the global batch -> global arrays sharded over (data, fsdp)."""
-        missing = [f for f in BATCH_FIELDS if f not in local_batch]
+        """This process's rows of the global batch -> global arrays, each field sharded as the schema says."""
+        missing = [f for f in self.schema if f not in local_batch]
         if missing:
-            raise KeyError(f"batch is missing fields {missing}; it has {sorted(local_batch)}")
-        return {
-            f: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_batch[f]))
-            for f in BATCH_FIELDS
-        }
-
-
-def param_count(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
+            raise KeyError(f"batch is missing fields {missing} of task {self.task.name!r}; it has "
+                           f"{sorted(local_batch)}")
+        rows = self.schema[next(iter(self.schema))].shape[0] // jax.process_count()
+        out = {}
+        for name, field in self.schema.items():
+            x = np.asarray(local_batch[name], field.dtype)
+            if x.shape != (rows, *field.shape[1:]):
+                raise ValueError(f"batch field {name!r} of task {self.task.name!r} has shape {x.shape}, expected "
+                                 f"{(rows, *field.shape[1:])} (this process's rows of {field.shape})")
+            out[name] = jax.make_array_from_process_local_data(self.batch_shardings[name], x)
+        return out

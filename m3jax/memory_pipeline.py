@@ -6,7 +6,7 @@ also gets, from the reference ids that `tools/retrieve.py` stored for it (`Retri
 
     positions      [b, L] int32    the record's positions + p + ref_len: the context starts after the sink [0, p)
                                    and the memory keys [p, p + ref_len) (docs/memory.md)
-    memory_group   [b, L] int32    the chunk each token belongs to (`m3jax.retrieval.chunks`); -1 = none
+    memory_group   [b, L] int32    the chunk each token belongs to (`m3jax.memory.layout`); -1 = none
     memory_index   [b, G, S] int32 the slots of each group: indices into memory_ids; -1 = empty
     memory_ids     [b, M] int32    the record's unique references (M = G·R), sorted, -1 padded
 
@@ -32,12 +32,12 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-from m3jax.data.pipeline import _global_records, _iterator, _local_batch_size, _process_batches
+from m3jax.data.pipeline import global_records, iterate, local_batch_size, process_batches
 from m3jax.data.records import read_metadata
+from m3jax.memory import layout as layout_lib
 from m3jax.memory.bank import MemoryBank
 from m3jax.memory.codecs import get_codec
-from m3jax.model.memory import Memory
-from m3jax.retrieval import chunks
+from m3jax.model.memory import Memory, check_layout, valid_keys
 from m3jax.retrieval.retrieve import RetrievedIds
 
 MODES = ("bank", "online")
@@ -49,10 +49,11 @@ def _add_slots(record: dict, ids: RetrievedIds, *, layout: str, slots: int, chun
     """One record -> the record with its memory groups, slots and unique ids (positions shifted)."""
     refs = ids[record["record"]]  # [G, R]
     num_groups = refs.shape[0]
-    group, _ = chunks.chunk_groups(record["segment_ids"], chunk_size, num_groups)
-    starts, stops = chunks.group_spans(group, num_groups)
+    group, _ = layout_lib.chunk_groups(record["segment_ids"], chunk_size, num_groups)
+    starts, stops = layout_lib.group_spans(group, num_groups)
     group_segment = np.where(stops > starts, record["segment_ids"][starts], 0)
-    unique, index = chunks.slot_index(refs, group_segment, layout, slots)
+    unique, index = layout_lib.slot_index(refs, group_segment, layout, slots)
+    check_layout(group[None], index[None], chunk_size)
     out = dict(record)
     out["positions"] = (record["positions"] + context_start).astype(np.int32)
     out.update(memory_group=group, memory_index=index, memory_ids=unique)
@@ -66,7 +67,7 @@ def _add_memories(batch: dict, *, mode: str, source) -> dict:
     if mode == "bank":
         codes, positions = source.gather_codes(ids)
         out.update({CODES_PREFIX + name: x for name, x in codes.items()})
-        out["memory_valid"] = positions[:, :, 0, 0, :] >= 0  # [b, M, k]: padding keys pad every layer and head
+        out["memory_valid"] = valid_keys(positions)  # [b, M, k]: False = a padding key or an empty id
     else:
         tokens, lengths = source.rows(np.maximum(ids, 0).reshape(-1))
         empty = (ids < 0).reshape(-1)
@@ -108,7 +109,7 @@ def make_memory_iterator(
     if mode == "bank" and not isinstance(source, MemoryBank):
         raise TypeError(f"bank mode reads a MemoryBank, got {type(source).__name__}")
     if mode == "online" and not hasattr(source, "rows"):
-        raise TypeError(f"online mode reads References (m3jax.memory.writer), got {type(source).__name__}")
+        raise TypeError(f"online mode reads References (m3jax.memory.knowledge), got {type(source).__name__}")
     if ids.meta["chunk_size"] != chunk_size:
         raise ValueError(f"retrieved ids {ids.directory} were cut in chunks of {ids.meta['chunk_size']} tokens, "
                          f"config.memory.chunk_size={chunk_size}")
@@ -120,25 +121,40 @@ def make_memory_iterator(
     if split_records is not None and ids.num_records != split_records:
         raise ValueError(f"retrieved ids {ids.directory} cover {ids.num_records:,} records, split {split!r} of "
                          f"{data_dir} holds {split_records:,}: retrieve this split again")
-    local = _local_batch_size(global_batch_size, process_index, process_count)
-    ds = _global_records(data_dir, split, global_batch_size, seed, num_epochs, shuffle, with_index=True)
+    local = local_batch_size(global_batch_size, process_index, process_count)
+    ds = global_records(data_dir, split, global_batch_size, seed, num_epochs, shuffle, with_index=True)
     ds = ds.map(functools.partial(_add_slots, ids=ids, layout=layout, slots=slots, chunk_size=chunk_size,
                                   context_start=sink_len + ref_len))
-    ds = _process_batches(ds, local, process_index, process_count)
+    ds = process_batches(ds, local, process_index, process_count)
     ds = ds.map(functools.partial(_add_memories, mode=mode, source=source))
-    return _iterator(ds, prefetch, worker_count)
+    return iterate(ds, prefetch, worker_count)
 
 
 def device_memory(batch: Mapping[str, jnp.ndarray], codec: str, sink_tokens, dtype=jnp.bfloat16) -> Memory:
     """A bank-mode batch's memories as the model's `Memory` (jittable; decodes on device).
 
-    codes [b, M, Lm, 2, mkv, k, d] -> keys/values [Lm, b, M, mkv, k, d]; index, valid as the batch holds them.
+    codes [b, M, Lm, 2, mkv, k, d], decoded -> `Memory.from_rows`; index, valid as the batch holds them.
     """
     c = get_codec(codec)
     codes = {k[len(CODES_PREFIX):]: v for k, v in batch.items() if k.startswith(CODES_PREFIX)}
     b, m = batch["memory_ids"].shape
-    kv = c.decode({k: v.reshape(b * m, *v.shape[2:]) for k, v in codes.items()}, dtype)
-    kv = kv.reshape(b, m, *kv.shape[1:])  # [b, M, Lm, 2, mkv, k, d]
-    kv = jnp.moveaxis(kv, 2, 0)  # [Lm, b, M, 2, mkv, k, d]
-    return Memory(keys=kv[:, :, :, 0], values=kv[:, :, :, 1], index=jnp.asarray(batch["memory_index"]),
-                  valid=jnp.asarray(batch["memory_valid"]), sink_tokens=jnp.asarray(sink_tokens, jnp.int32))
+    rows = c.decode({k: v.reshape(b * m, *v.shape[2:]) for k, v in codes.items()}, dtype)
+    return Memory.from_rows(rows.reshape(b, m, *rows.shape[1:]), batch["memory_index"], batch["memory_valid"],
+                            sink_tokens)
+
+
+def memory_iterator(config, split: str, source, sink_len: int, *, process_index: int = 0, process_count: int = 1,
+                    num_epochs: int | None = None, shuffle: bool = True) -> grain.DatasetIterator:
+    """`make_memory_iterator` as a run's config sets it up: the data (`config.data`), the retrieved ids
+    (`retrieval.ids_path`, default DATA/retrieval-SPLIT), the mode and slot layout (`retrieval.mode`,
+    `retrieval.layout`), and the memory geometry (`memory.per_chunk`, `chunk_size`, `ref_len`). source: the bank
+    (bank mode) or the knowledge base's `References` (online mode); sink_len: the sink's tokens (p)."""
+    d, r, mem = config.data, config.retrieval, config.memory
+    ids_path = r.ids_path or os.path.join(d.path, f"retrieval-{split}")
+    ids = RetrievedIds.open(ids_path, expect={"seq_len": int(d.seq_len), "chunk_size": int(mem.chunk_size)})
+    return make_memory_iterator(
+        d.path, split, ids, source, mode=r.mode, layout=r.layout, slots=int(mem.per_chunk),
+        chunk_size=int(mem.chunk_size), sink_len=sink_len, ref_len=int(mem.ref_len),
+        global_batch_size=int(d.global_batch_size), seed=int(d.shuffle_seed), process_index=process_index,
+        process_count=process_count, num_epochs=num_epochs, shuffle=shuffle, worker_count=int(d.worker_count),
+        prefetch=int(d.prefetch))
