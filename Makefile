@@ -18,12 +18,21 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt pyprojec
 
 venv: $(STAMP)
 
-# The optional TPU extra (libtpu): TPU hosts need it to run, CPU hosts to compile ahead of time for a TPU
-# topology (`python -m m3jax.train --dry_run --topology=v5p:4x4x4`). `make test` installs it: the fit-check
-# tests compile for TPU topologies.
-TPU_STAMP := $(VENV)/.installed-tpu
+# The optional TPU extra (libtpu), for this host to compile ahead of time for a TPU topology (`python -m m3jax.train
+# --dry_run --topology=v5p:4x4x4`); `make test` installs it: the fit-check tests compile for TPU topologies. It goes
+# to $(TPU_EXTRA), outside the venv's import path: jax starts a TPU in any process that can import libtpu, which on a
+# host without one prints start-up errors (and crashes jax's profiler), so only the fit check loads it from there
+# (m3jax.train.aot.tpu_devices; M3JAX_TPU_EXTRA names another directory). TPU hosts that train install it into their
+# environment instead (`pip install -r requirements-tpu.txt`, as launch/tpu_pod.sh does). A libtpu that an older
+# Makefile put into the venv's site-packages is removed.
+TPU_EXTRA := $(VENV)/tpu-extra
+TPU_STAMP := $(TPU_EXTRA)/.installed
 $(TPU_STAMP): $(STAMP) requirements-tpu.txt
-	$(PY) -m pip install --quiet -r requirements-tpu.txt
+	@if $(PY) -m pip show libtpu >/dev/null 2>&1; then \
+	  echo "removing libtpu from $(VENV)'s site-packages (it goes to $(TPU_EXTRA))"; \
+	  $(PY) -m pip uninstall --quiet --yes libtpu; fi
+	rm -rf $(TPU_EXTRA) $(VENV)/.installed-tpu
+	$(PY) -m pip install --quiet --no-deps --target $(TPU_EXTRA) -r requirements-tpu.txt
 	@touch $(TPU_STAMP)
 
 venv-tpu: $(TPU_STAMP)

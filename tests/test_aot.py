@@ -1,7 +1,8 @@
 """The ahead-of-time fit check: `python -m m3jax.train --dry_run --topology=...` (m3jax/train/aot.py).
 
-Compiling for a TPU topology needs libtpu (requirements-tpu.txt, installed by `make test`): those tests fail
-without it. One test compiles the full 2.4B model for v5p:4x4x4 (2-3.5 min on 2 cores). A
+Compiling for a TPU topology needs libtpu (requirements-tpu.txt; `make test` installs it into .venv/tpu-extra,
+outside the import path, where `aot.tpu_devices` finds it): those tests fail without it. One test compiles the full
+2.4B model for v5p:4x4x4 (2-3.5 min on 2 cores). A
 shallower variant would not be cheaper: the layers are scanned, so compile time grows with width and the number of
 causal attention blocks, not depth. The oversized case is cheap: the compiler stops at its own out-of-memory verdict.
 """
@@ -19,17 +20,21 @@ from configs import memory3_2b
 from m3jax.train import aot
 
 GiB = 2**30
-# `python -m m3jax.train` on a host where `import libtpu` fails.
+# `python -m m3jax.train` on a host where `import libtpu` fails; run_dry_run also points M3JAX_TPU_EXTRA (the extra
+# that `make venv-tpu` installs outside the import path) at NO_TPU_EXTRA and drops TPU_LIBRARY_PATH: no libtpu at all.
 HIDE_LIBTPU = ("import runpy, sys; sys.modules['libtpu'] = None; "
                "runpy.run_module('m3jax.train', run_name='__main__', alter_sys=True)")
+NO_TPU_EXTRA = os.path.join(os.devnull, "tpu-extra")  # under a file: cannot exist
+TPU_EXTRA = os.environ.get("M3JAX_TPU_EXTRA") or os.path.join(sys.prefix, "tpu-extra")  # where aot.tpu_devices looks
 
 
 @pytest.fixture
 def libtpu():
-    """The compiled fit check needs libtpu; `make test` installs it (requirements-tpu.txt), so its absence fails."""
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.fail("libtpu is not installed: run `make test` (it installs requirements-tpu.txt) or "
-                    "pip install -r requirements-tpu.txt")
+    """The compiled fit check needs libtpu; `make test` installs it (`make venv-tpu`), so its absence fails."""
+    extra = os.path.join(TPU_EXTRA, "libtpu", "libtpu.so")
+    if importlib.util.find_spec("libtpu") is None and not os.path.isfile(extra):
+        pytest.fail(f"libtpu is not installed (not importable, not in {TPU_EXTRA}): run `make venv-tpu` (`make test` "
+                    f"does) or pip install -r requirements-tpu.txt")
 
 
 def run_dry_run(*args: str, hide_libtpu: bool = False) -> tuple[subprocess.CompletedProcess, dict]:
@@ -37,6 +42,8 @@ def run_dry_run(*args: str, hide_libtpu: bool = False) -> tuple[subprocess.Compl
     cmd = [sys.executable, "-c", HIDE_LIBTPU] if hide_libtpu else [sys.executable, "-m", "m3jax.train"]
     env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    if hide_libtpu:
+        env["M3JAX_TPU_EXTRA"] = NO_TPU_EXTRA
     out = subprocess.run([*cmd, "--config=configs/memory3_2b.py", "--dry_run", *args], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=900)
     assert "{" in out.stdout, out.stderr[-3000:]

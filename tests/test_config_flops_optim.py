@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from m3jax.config import ConfigError, validate
+from m3jax.config import ConfigError, resolve, validate
+from m3jax.data.records import read_metadata, write_metadata
 from m3jax.model import ModelConfig
 from m3jax.model import params as params_lib
 from m3jax.parallel import logical_to_spec
@@ -116,3 +117,37 @@ def test_memory_config_resolves_into_the_model_config():
     c.memory.update(layers="all", kv_heads="1")
     cfg = ModelConfig.from_config(c.model, c.memory)
     assert (cfg.memory_layers, cfg.memory_kv_heads) == (tuple(range(6)), (1,))
+
+
+def test_resolve_settles_what_the_data_decides(lm_data, tmp_path):
+    """The one resolve step: vocab_size from the data, and what a small corpus allows, said or refused by key
+    (a stock config on a user's 168-document corpus once stopped with an error that named no key)."""
+    meta = read_metadata(lm_data)  # a real prepared directory's metadata (seq_len 64), with its splits resized
+
+    def data(train, heldout):
+        path = tmp_path / f"data-{train}-{heldout}"
+        write_metadata(path, {**meta, "splits": {"train": {**meta["splits"]["train"], "num_records": train},
+                                                 "heldout": {**meta["splits"]["heldout"], "num_records": heldout}}})
+        return str(path)
+
+    def config(path, **train):
+        c = tiny_config(vocab_size=-1)
+        c.data.update(path=path, seq_len=64, global_batch_size=16)
+        c.train.update(eval_every=50, eval_batches=6, **train)
+        return c
+
+    said = []
+    c = config(data(100, 20))
+    resolve(c, log=said.append)
+    assert c.model.vocab_size == meta["vocab_size"] and c.train.eval_batches == 1 and c.train.eval_every == 50
+    assert said == [f"config.train.eval_batches: held-out split 'heldout' of the data {c.data.path} holds 1 global "
+                    "batches of 16; evaluating on 1, not 6"]
+    c = config(data(100, 15))
+    resolve(c, log=said.append)
+    assert c.train.eval_every == 0 and "no held-out loss in this run" in said[-1]
+    with pytest.raises(ConfigError, match=r"config\.data\.global_batch_size: 16, but split 'train' .* holds 15 "):
+        resolve(config(data(15, 20)))
+    c = config(data(100, 20))
+    c.data.seq_len = 128
+    with pytest.raises(ConfigError, match=r"config\.data\.seq_len: 128, but .* sequences of 64"):
+        resolve(c)

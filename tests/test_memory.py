@@ -23,7 +23,7 @@ from flax import nnx
 from m3jax.model import attention as attn_lib
 from m3jax.model import params as params_lib
 from m3jax.model.config import ModelConfig
-from m3jax.model.memory import Memory
+from m3jax.model.memory import Memory, check_layout
 
 REF_LEN = 128  # reference tokens: memory keys lie at positions [p, p + REF_LEN)
 
@@ -447,3 +447,17 @@ def test_no_memories_is_the_plain_model_on_sink_and_context(kind):
         np.testing.assert_allclose(got[bi][real], ref[real], atol=1e-4, rtol=1e-4, err_msg=f"row {bi}")
         np.testing.assert_allclose(got[bi][~real], ref[~real], atol=1e-4, rtol=1e-4,
                                    err_msg=f"row {bi}: padding tokens (segment 0) should see the sink too")
+
+
+def test_check_layout_names_what_breaks_the_contract():
+    """The read path's layout contract, checked on host inputs: a group spans at most chunk_size positions and
+    reads a memory at most once (the jitted path takes both as given)."""
+    group = np.array([[0, 0, 0, 0, 1, 1, 1, -1, -1, 1]])
+    index = np.array([[[0, 1, -1], [2, -1, -1]]])
+    check_layout(group, index, chunk_size=6)
+    with pytest.raises(ValueError, match="row 0, memory group 1: tokens at positions 4…9 span more than chunk_size=5"):
+        check_layout(group, index, chunk_size=5)
+    with pytest.raises(ValueError, match=r"row 0, memory group 1 reads memory 2 twice \(slots \[2, -1, 2\]\)"):
+        check_layout(group, np.array([[[0, 1, -1], [2, -1, 2]]]), chunk_size=6)
+    with pytest.raises(ValueError, match="memory_group 2 is out of range: the index has 2 groups"):
+        check_layout(np.where(group == 1, 2, group), index, chunk_size=6)

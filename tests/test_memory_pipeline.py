@@ -1,4 +1,6 @@
-"""The memory-augmented Grain pipeline on the session's knowledge split (conftest.memory_kb, kb_retrieval).
+"""The memory-augmented Grain pipeline on the session's knowledge split (conftest.memory_kb) and synthetic
+retrieved ids: the loader does not care how the ids were found, so no embedder or index is built here
+(tests/test_retrieval.py runs the retrieval tools end to end).
 
 Checked against independent constructions: groups and slots from the layout's definition token by token, the
 bank's rows read straight from its zarr array with TensorStore, reference tokens from the knowledge base.
@@ -12,20 +14,39 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from m3jax.memory_pipeline import CODES_PREFIX, device_memory, make_memory_iterator
+from m3jax.data.records import read_metadata
+from m3jax.memory.layout import max_groups
+from m3jax.memory_pipeline import CODES_PREFIX, device_memory, make_memory_iterator, memory_iterator
 from m3jax.retrieval.build import open_bank
 from m3jax.retrieval.retrieve import RetrievedIds
 
 BATCH, SLOTS, CHUNK, REF_LEN = 4, 5, 64, 128
 
 
+def synthetic_ids(directory, data_dir, split, num_refs, seed=0):
+    """A complete ids store for `split`: one reference per chunk drawn at random, a tenth of the chunks none."""
+    meta = read_metadata(data_dir)
+    n, groups = meta["splits"][split]["num_records"], max_groups(meta["seq_len"], CHUNK)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, num_refs, (n, groups, 1)).astype(np.int32)
+    ids[rng.random(ids.shape) < 0.1] = -1
+    store = RetrievedIds.create(directory, {"num_records": n, "block_records": 8, "num_groups": groups,
+                                            "refs_per_chunk": 1, "chunk_size": CHUNK, "num_refs": num_refs,
+                                            "seq_len": meta["seq_len"], "split": split})
+    for i in range(store.num_blocks):
+        a, b = store.block_range(i)
+        store.write_block(i, ids[a:b])
+    return RetrievedIds.open(directory)
+
+
 @pytest.fixture(scope="module")
-def setup(memory_kb, kb_retrieval):
+def setup(memory_kb, tmp_path_factory):
     from m3jax.data.tokenizer import Tokenizer
 
     bank = open_bank(memory_kb["bank"], Tokenizer(memory_kb["tokenizer"]))
-    return {"bank": bank, "bank_dir": memory_kb["bank"], "ids": RetrievedIds.open(kb_retrieval["ids"]),
-            "data": memory_kb["data"], "sink": memory_kb["sink"], "refs": memory_kb["refs"]}
+    ids = synthetic_ids(tmp_path_factory.mktemp("ids") / "retrieval-train", memory_kb["data"], "train", bank.num_refs)
+    return {"bank": bank, "bank_dir": memory_kb["bank"], "ids": ids, "data": memory_kb["data"],
+            "sink": memory_kb["sink"], "refs": memory_kb["refs"]}
 
 
 def iterator(setup, mode="bank", source=None, **kw):
@@ -165,6 +186,21 @@ def test_device_memory_feeds_the_model(setup, memory_kb):
     without = jax.jit(logits)(empty)
     assert np.isfinite(np.asarray(with_memory)).all()
     assert not np.allclose(with_memory, without, atol=1e-4)  # the memories are read
+
+
+def test_the_config_sets_up_the_same_loader(setup, memory_kb):
+    """memory_iterator reads the data, ids path, mode, layout and memory geometry from a run's config."""
+    config = memory_kb["config"].copy_and_resolve_references()
+    config.data.update(path=setup["data"], global_batch_size=BATCH, shuffle_seed=3, seq_len=256)
+    config.retrieval.update(ids_path=str(setup["ids"].directory), mode="online", layout="paper")
+    config.memory.update(per_chunk=SLOTS, chunk_size=CHUNK, ref_len=REF_LEN)
+    got = take(memory_iterator(config, "train", setup["refs"], len(setup["sink"])), 2)
+    want = take(iterator(setup, "online", setup["refs"]), 2)
+    for a, b in zip(got, want, strict=True):
+        assert_batches_equal(a, b)
+    config.retrieval.ids_path = ""  # default: DATA/retrieval-train, which this data directory does not hold
+    with pytest.raises(FileNotFoundError, match="retrieval-train"):
+        memory_iterator(config, "train", setup["refs"], len(setup["sink"]))
 
 
 def test_mismatches_are_named(setup, memory_kb):

@@ -17,6 +17,7 @@ from test_train import read_losses
 from m3jax.config import base_config
 from m3jax.train import loop
 from m3jax.train.guard import LossSpikeError, SpikeGuard
+from m3jax.train.hooks import Hook
 
 
 def guarded_config(data_dir, **train):
@@ -98,7 +99,9 @@ def test_repeated_spikes_stop_the_run_with_a_clear_message(lm_data, tmp_path):
 def test_profile_and_step_time_breakdown(lm_data, tmp_path):
     config = lm_config(lm_data, num_steps=5)
     config.train.update(profile_start=2, profile_steps=2, log_every=1)
-    loop.train(config, str(tmp_path))
+    seen = []  # a hook of the caller's: every 2 steps and at the end, after the built-in ones
+    loop.train(config, str(tmp_path), hooks=[Hook(lambda info: seen.append((info.step, info.final)), every=2)])
+    assert seen == [(2, False), (4, False), (5, True)]
     traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
     assert traces and traces[0].stat().st_size > 0
     for r in read_records(tmp_path, "train"):

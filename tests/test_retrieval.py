@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import REPO, RETRIEVE_BLOCK_RECORDS, run_tool
 
-from m3jax.memory import layout
+from m3jax.memory import layout as layout_lib
 from m3jax.retrieval.overlap import overlap
 from m3jax.retrieval.retrieve import Provenance, RetrievedIds
 
@@ -51,17 +51,17 @@ def test_chunk_groups_and_spans_equal_naive():
     for trial in range(50):
         length = int(rng.integers(1, 120))
         seg = random_segments(rng, length)
-        num_groups = layout.max_groups(length, CHUNK) if trial % 3 else 3
-        group, lost = layout.chunk_groups(seg, CHUNK, num_groups)
+        num_groups = layout_lib.max_groups(length, CHUNK) if trial % 3 else 3
+        group, lost = layout_lib.chunk_groups(seg, CHUNK, num_groups)
         np.testing.assert_array_equal(group, naive_groups(seg, num_groups))
         assert lost == np.count_nonzero((seg > 0) & (group < 0))
-        starts, stops = layout.group_spans(group, num_groups)
+        starts, stops = layout_lib.group_spans(group, num_groups)
         for g in range(num_groups):
             where = np.flatnonzero(group == g)
             assert (starts[g], stops[g]) == ((where[0], where[-1] + 1) if where.size else (0, 0))
             assert stops[g] - starts[g] <= CHUNK and len(set(seg[where])) <= 1  # never across a document
     batch = np.stack([random_segments(rng, 64) for _ in range(4)])  # a batch is cut row by row
-    group, _ = layout.chunk_groups(batch, CHUNK, 10)
+    group, _ = layout_lib.chunk_groups(batch, CHUNK, 10)
     for row, g in zip(batch, group, strict=True):
         np.testing.assert_array_equal(g, naive_groups(row, 10))
 
@@ -87,7 +87,7 @@ def test_slot_index_reads_each_reference_once(layout, r):
         num_groups = int(rng.integers(1, 12))
         refs = rng.integers(-1, 6, (num_groups, r))  # few ids: many repeats
         group_segment = np.sort(rng.integers(0, 3, num_groups))
-        unique, index = layout.slot_index(refs, group_segment, layout, slots=5)
+        unique, index = layout_lib.slot_index(refs, group_segment, layout, slots=5)
         assert unique.shape == (num_groups * r,) and index.shape == (num_groups, 5)
         real = unique[unique >= 0]
         assert np.all(np.diff(real) > 0) and np.all(unique[real.size:] == -1)
@@ -140,7 +140,7 @@ def test_training_chunks_never_retrieve_their_own_text(memory_kb, kb_retrieval):
     recs = train_records(memory_kb)
     assert store.num_records == len(recs["inputs"]) and store.num_blocks > 2
     tokens, lengths = memory_kb["refs"].rows(np.arange(len(memory_kb["refs"])))
-    groups, _ = layout.chunk_groups(recs["segment_ids"], 64, store.row_shape[0])
+    groups, _ = layout_lib.chunk_groups(recs["segment_ids"], 64, store.row_shape[0])
     chunks_with_refs = total_chunks = 0
     for i in range(store.num_records):
         ids = store[i]  # [G, 1]

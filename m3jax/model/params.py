@@ -24,9 +24,16 @@ Params = dict[str, Any]
 
 @functools.cache
 def _abstract(cfg: ModelConfig):
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    graph, state = nnx.split(model)
-    return graph, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state))
+    # jax.eval_shape, not nnx.eval_shape: under an active mesh the latter would shard the abstract parameters by
+    # their logical names, which are not mesh axes (the rules map them).
+    structure = {}
+
+    def build():
+        structure["graph"], state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+        return state
+
+    state = jax.eval_shape(build)
+    return structure["graph"], nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state))
 
 
 def graphdef(cfg: ModelConfig) -> nnx.GraphDef:

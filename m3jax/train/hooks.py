@@ -97,7 +97,7 @@ def eval_hook(every: int, evaluate: Callable[[Any], float], writer, summary: dic
             return  # a resumed run evaluated its start already
         loss = evaluate(info.state.params)
         writer.write(info.step, {"loss": loss}, prefix=prefix)
-        summary[prefix][info.step] = loss
+        summary.setdefault(prefix, {})[info.step] = loss
 
     return Hook(fn, every, at_start=True)
 
@@ -109,8 +109,9 @@ def checkpoint_hook(every: int, save: Callable[[int, Any], None]) -> Hook:
 class Profiler:
     """A jax.profiler trace of steps [train.profile_start, + train.profile_steps) into WORKDIR/profile.
 
-    On a CPU host with libtpu installed, run with JAX_PLATFORMS=cpu: jax 0.10's profiler crashes there once the
-    TPU plugin has been loaded into the process.
+    jax 0.10's profiler crashes in a process that loaded the TPU plugin on a host without TPUs. Training never
+    loads it where libtpu came from `make venv-tpu` (kept outside the import path); a CPU host that pip-installed
+    libtpu into its environment loads it in every process.
     """
 
     def __init__(self, train_cfg, workdir: str, process_index: int):

@@ -24,21 +24,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from configs import memory3_2b  # noqa: E402
-from m3jax.memory.bank import MemoryBank, architecture  # noqa: E402
-from m3jax.memory.codecs import CODECS  # noqa: E402
-from m3jax.model.config import ModelConfig  # noqa: E402
+from configs import memory3_2b
+from m3jax.memory.bank import MemoryBank, architecture
+from m3jax.memory.codecs import CODECS
+from m3jax.model.config import ModelConfig
 
 _REFS = flags.DEFINE_integer("refs", 4096, "references in the bank")
 _BATCH = flags.DEFINE_integer("batch", 8, "sequences per batch")
@@ -123,9 +120,8 @@ def bench_codec(codec: str, root: str, arch: dict, rng) -> dict:
 def main(argv):
     del argv
     c = memory3_2b.get_config()
-    mem = c.memory.copy_and_resolve_references()
-    mem.enabled = True
-    arch = architecture(ModelConfig.from_config(c.model, mem), mem.k, mem.ref_len)
+    c.memory.heads = True  # its memory geometry (config.memory), whatever the stage
+    arch = architecture(ModelConfig.from_config(c.model, c.memory))
     root = _DIR.value or tempfile.mkdtemp(prefix="bank_gather_")
     rng = np.random.default_rng(0)
     print(f"device: {jax.devices()[0].device_kind}; bank: {_REFS.value} refs of memory3_2b shape, "

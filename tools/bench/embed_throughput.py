@@ -15,19 +15,15 @@ cosine between the two embeddings are printed. The machine is shared and noisy: 
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import jax
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from m3jax.data.corpus import embedded_corpus  # noqa: E402
-from m3jax.retrieval.embedder import Embedder, resolve_model_dir  # noqa: E402
+from m3jax.data.corpus import embedded_corpus
+from m3jax.retrieval.embedder import Embedder, resolve_model_dir
 
 _MODEL = flags.DEFINE_string("model", "all-MiniLM-L6-v2", "packaged model name or local HF directory")
 _TEXTS = flags.DEFINE_integer("texts", 256, "texts embedded per timed call")

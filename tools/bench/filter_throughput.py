@@ -13,25 +13,19 @@ draws a new sequence and these candidate sets of `candidates` references of `ref
 - shuffled: stretches of the sequence with their tokens shuffled (the prefilter's worst case: the multiset bound
   passes every one, so each reaches the exact combing).
 Timed: `leaking` (the prefilter, then exact combing of what it passes) at the training (0.9) and evaluation (2/3)
-thresholds, exact `overlaps` without the prefilter, and the naive per-window LCS DP of tests/test_overlap.py on
-`--naive` candidates. Ratios are measured in the same run: the machine is shared and noisy, compare ratios.
+thresholds, exact `overlaps` without the prefilter, and the naive per-window LCS DP (`overlap_dp` of
+m3jax/retrieval/overlap.py: the textbook table of every window) on `--naive` candidates. Ratios are measured in
+the same run: the machine is shared and noisy, compare ratios.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, _ROOT)
-sys.path.insert(0, os.path.join(_ROOT, "tests"))
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from test_overlap import edited, naive_overlap  # noqa: E402
-
-from m3jax.retrieval.overlap import leaking, overlaps  # noqa: E402
+from m3jax.retrieval.overlap import leaking, overlap_dp, overlaps
 
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "training sequence length")
 _REF_LEN = flags.DEFINE_integer("ref_len", 128, "reference length")
@@ -45,6 +39,21 @@ _SEED = flags.DEFINE_integer("seed", 0, "random seed")
 
 SETS = ("unrelated", "topical", "mixed", "shuffled")
 METHODS = ("leaking 0.9", "leaking 2/3", "overlaps", "naive")
+
+
+def edited(tokens: np.ndarray, rate: float, vocab: int, rng) -> np.ndarray:
+    """`tokens` with edits at `rate`: each token, with probability rate / 3 each, is replaced by a random id,
+    deleted, or kept after an inserted random id."""
+    out = []
+    for token in tokens.tolist():
+        u = rng.random()
+        if u >= rate:
+            out.append(token)
+        elif u < rate / 3:
+            out.append(int(rng.integers(vocab)))
+        elif u >= 2 * rate / 3:
+            out += [int(rng.integers(vocab)), token]
+    return np.array(out, np.int64)
 
 
 def candidate_sets(seq: np.ndarray, draw, rng) -> dict[str, np.ndarray]:
@@ -91,7 +100,7 @@ def main(argv):
                 checks[name][method] += len(refs)
                 leaks[name][threshold] += int(leak.sum())
             sample = refs[:_NAIVE.value]
-            t, naive = timed(lambda rs, s: [naive_overlap(r, s) for r in rs], sample, seq)
+            t, naive = timed(lambda rs, s: [overlap_dp(r, s) for r in rs], sample, seq)
             assert naive == exact[:len(sample)].tolist(), name
             seconds[name]["naive"] += t
             checks[name]["naive"] += len(sample)

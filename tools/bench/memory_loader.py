@@ -21,28 +21,25 @@ few host counts, and the time a host needs for them at the bank read rate this r
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from configs import memory3_2b  # noqa: E402
-from m3jax.data import records  # noqa: E402
-from m3jax.data.memory_pipeline import make_memory_iterator  # noqa: E402
-from m3jax.data.packing import LM_FIELDS, pack_documents  # noqa: E402
-from m3jax.data.pipeline import make_lm_iterator  # noqa: E402
-from m3jax.memory.bank import MemoryBank, architecture, bytes_per_reference  # noqa: E402
-from m3jax.memory.writer import cut_references  # noqa: E402
-from m3jax.model.config import ModelConfig  # noqa: E402
-from m3jax.parallel import make_mesh  # noqa: E402
-from m3jax.retrieval import chunks  # noqa: E402
-from m3jax.retrieval.retrieve import RetrievedIds  # noqa: E402
+from configs import memory3_2b
+from m3jax.data import records
+from m3jax.data.packing import LM_FIELDS, pack_documents
+from m3jax.data.pipeline import make_lm_iterator
+from m3jax.memory import layout
+from m3jax.memory.bank import MemoryBank, architecture, bytes_per_reference
+from m3jax.memory.knowledge import cut_references
+from m3jax.memory_pipeline import make_memory_iterator
+from m3jax.model.config import ModelConfig
+from m3jax.parallel import make_mesh
+from m3jax.retrieval.retrieve import RetrievedIds
 
 _SEQ = flags.DEFINE_integer("seq", 2048, "tokens per record")
 _BATCH = flags.DEFINE_integer("batch", 8, "records per batch")
@@ -60,7 +57,8 @@ def bench_model_config(memory: bool) -> ModelConfig:
     kw = dict(vocab_size=32000, num_layers=8, hidden_size=1024, num_heads=16, num_kv_heads=16, head_dim=64,
               mlp_dim=2816, dtype="float32")
     if memory:
-        kw.update(memory_layers=(0, 1, 2, 3), memory_kv_heads=tuple(range(16)), memory_chunk_size=CHUNK)
+        kw.update(memory_layers=(0, 1, 2, 3), memory_kv_heads=tuple(range(16)), memory_chunk_size=CHUNK,
+                  memory_k=K, memory_ref_len=REF_LEN)
     return ModelConfig(**kw)
 
 
@@ -98,7 +96,7 @@ def write_bank(root: str, arch: dict, num_refs: int, rng) -> MemoryBank:
 
 def write_ids(root: str, data: str, num_refs: int, rng) -> RetrievedIds:
     n = records.read_metadata(data)["splits"]["train"]["num_records"]
-    groups = chunks.max_groups(_SEQ.value, CHUNK)
+    groups = layout.max_groups(_SEQ.value, CHUNK)
     store = RetrievedIds.create(os.path.join(root, "ids"), {
         "num_records": n, "block_records": 256, "num_groups": groups, "refs_per_chunk": 1, "chunk_size": CHUNK,
         "num_refs": num_refs})
@@ -148,7 +146,7 @@ def main(argv):
     del argv
     rng = np.random.default_rng(0)
     root = _DIR.value or tempfile.mkdtemp(prefix="memory_loader_")
-    arch = architecture(bench_model_config(memory=True), K, REF_LEN)
+    arch = architecture(bench_model_config(memory=True))
     data, docs = write_data(root, rng)
     refs = cut_references([(str(i), d) for i, d in enumerate(docs)], REF_LEN)
     bank = write_bank(root, arch, len(refs), rng)
@@ -177,9 +175,8 @@ def main(argv):
     bank_bytes_s = results["bank"][0] * _BATCH.value * unique * read_bytes(arch)
 
     c = memory3_2b.get_config()
-    mem = c.memory.copy_and_resolve_references()
-    mem.enabled = True
-    arch2b = architecture(ModelConfig.from_config(c.model, mem), mem.k, mem.ref_len)
+    c.memory.heads = True  # its memory geometry (config.memory), whatever the stage
+    arch2b = architecture(ModelConfig.from_config(c.model, c.memory))
     per_memory = read_bytes(arch2b)
     seqs = TOKENS_PER_STEP // PAPER_SEQ
     per_seq = unique * PAPER_SEQ / _SEQ.value  # unique memories per 2048-token sequence in this layout

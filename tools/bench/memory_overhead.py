@@ -14,22 +14,18 @@ beside (Memory3 counts reading memory at 0.23% of the FLOPs).
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from m3jax.model import ModelConfig, Transformer  # noqa: E402
-from m3jax.model.memory import Memory  # noqa: E402
-from m3jax.train.flops import train_flops_per_token  # noqa: E402
+from m3jax.model import ModelConfig, Transformer
+from m3jax.model.memory import Memory
+from m3jax.train.flops import train_flops_per_token
 
 _SEQ = flags.DEFINE_integer("seq", 2048, "sequence length")
 _BATCH = flags.DEFINE_integer("batch", 1, "batch size")

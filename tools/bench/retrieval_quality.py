@@ -15,15 +15,11 @@ Queries: `--queries` references of full length (ref_len tokens), drawn at random
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (its retrieval section).")
 _BANK = flags.DEFINE_string("bank", None, "The memory bank directory.")

@@ -23,17 +23,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from m3jax.config import base_config  # noqa: E402
-from m3jax.retrieval.index import Index, IndexSettings, synthetic_embeddings  # noqa: E402
+from m3jax.config import base_config
+from m3jax.retrieval.index import Index, IndexSettings, synthetic_embeddings
 
 _SIZES = flags.DEFINE_list("sizes", ["100000", "1000000"], "numbers of indexed vectors")
 _DIM = flags.DEFINE_integer("dim", 384, "embedding dimension (all-MiniLM-L6-v2: 384)")

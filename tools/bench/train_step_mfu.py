@@ -16,24 +16,20 @@ and the step overlaps and fuses across their boundaries.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from m3jax import parallel  # noqa: E402
-from m3jax.config import base_config  # noqa: E402
-from m3jax.model import ModelConfig  # noqa: E402
-from m3jax.parallel import make_mesh  # noqa: E402
-from m3jax.train import flops as flops_lib  # noqa: E402
-from m3jax.train.step import Trainer  # noqa: E402
+from m3jax import parallel
+from m3jax.config import base_config
+from m3jax.model import ModelConfig
+from m3jax.parallel import make_mesh
+from m3jax.train import flops as flops_lib
+from m3jax.train.step import Trainer
 
 _LAYERS = flags.DEFINE_integer("layers", 8, "layers")
 _HIDDEN = flags.DEFINE_integer("hidden", 1024, "hidden size")
@@ -126,7 +122,7 @@ def breakdown(trainer, state, gbatch, naive_loss, naive_sgd, naive_params, naive
 
     def ours_loss(params, batch):
         with parallel.axis_rules(trainer.rules):
-            return trainer._loss(params, batch)[0]
+            return trainer.loss(params, batch)[0]
 
     def ours_update(params, opt_state, grads):
         updates, opt_state = trainer.optimizer.update(grads, opt_state, params)

@@ -9,7 +9,7 @@ sequence is sink + 128 tokens) goes through
   scoring of the memory heads and the gather of the kept key/values);
 - with `--bank`, the encoder + writing its output to a local bf16 TensorStore bank (`MemoryBank.write`).
 Model FLOPs per reference: the forward is 2·N_matmul·T + causal attention (`m3jax.train.flops`, the training
-count / 3); the encoder is `tools/memory_budget.py`'s `write_flops_per_reference` (the layers it runs, causal
+count / 3); the encoder is `m3jax.train.flops.write_flops_per_reference` (the layers it runs, causal
 attention, the unmasked QKᵀ of the scoring). Printed: refs/s and the achieved FLOP/s of each, and the ratio
 encoder FLOP rate / forward FLOP rate: the writer should run near the model's own forward speed (ratio ≈ 1).
 The parameters are random (speed does not depend on them). Best of `--repeats` after one compile call.
@@ -24,26 +24,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-_TOOLS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(_TOOLS))
-sys.path.insert(1, _TOOLS)
+import jax
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
-from memory_budget import write_flops_per_reference  # noqa: E402
-
-from configs import demo  # noqa: E402
-from m3jax.memory.bank import MemoryBank, architecture  # noqa: E402
-from m3jax.memory.encode import encode_references  # noqa: E402
-from m3jax.model.config import ModelConfig  # noqa: E402
-from m3jax.train.flops import train_flops_per_token  # noqa: E402
-from m3jax.train.step import abstract_model, init_params  # noqa: E402
+from configs import demo
+from m3jax.memory.bank import MemoryBank, architecture
+from m3jax.memory.encode import encode_references
+from m3jax.model.config import ModelConfig
+from m3jax.model.params import init_params, model_from
+from m3jax.train.flops import train_flops_per_token, write_flops_per_reference
 
 PRESETS = {
     "demo": dict(num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=4, head_dim=32, mlp_dim=704,
@@ -64,7 +57,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute
 _BANK = flags.DEFINE_bool("bank", True, "also time encode + write to a local bf16 bank")
 
 
-def bench_config() -> tuple[ModelConfig, object]:
+def bench_config() -> ModelConfig:
+    """The preset's model with memory heads: its memory geometry (k, ref_len, ...) is the model config's."""
     c = demo.get_config()
     shape = dict(PRESETS[_PRESET.value])
     if _LAYERS.value:
@@ -74,12 +68,12 @@ def bench_config() -> tuple[ModelConfig, object]:
         shape["head_dim"] = _HIDDEN.value // shape["num_heads"]
     c.model.update(dtype=_DTYPE.value, **shape)
     mem = c.memory.copy_and_resolve_references()
-    mem.enabled = True
+    mem.heads = True
     if _MEMORY_LAYERS.value:
         mem.layers = _MEMORY_LAYERS.value
     if _K.value:
         mem.k = _K.value
-    return ModelConfig.from_config(c.model, mem), mem
+    return ModelConfig.from_config(c.model, mem)
 
 
 def best_times(paths: dict, repeats: int) -> dict[str, float]:
@@ -98,8 +92,8 @@ def best_times(paths: dict, repeats: int) -> dict[str, float]:
 
 def main(argv):
     del argv
-    cfg, mem = bench_config()
-    b, p, ref_len = _BATCH.value, _SINK.value, mem.ref_len
+    cfg = bench_config()
+    b, p, ref_len = _BATCH.value, _SINK.value, cfg.memory_ref_len
     t = p + ref_len
     params = jax.jit(init_params, static_argnums=(0, 1))(cfg, 0)
     rng = np.random.default_rng(0)
@@ -107,25 +101,23 @@ def main(argv):
     refs = rng.integers(4, cfg.vocab_size, (b, ref_len)).astype(np.int32)
     lengths = np.full(b, ref_len, np.int32)
 
-    graphdef = abstract_model(cfg)[0]
-    forward = jax.jit(lambda params, tokens, pos, seg: nnx.merge(graphdef, params)(tokens, pos, seg))
+    forward = jax.jit(lambda params, tokens, pos, seg: model_from(cfg, params)(tokens, pos, seg))
     last = max(cfg.memory_layers) + 1
-    same_layers = jax.jit(lambda params, tokens, pos, seg: nnx.merge(graphdef, params).layer_qkv(tokens, pos, seg,
-                                                                                                 last))
+    same_layers = jax.jit(lambda params, tokens, pos, seg: model_from(cfg, params).layer_qkv(tokens, pos, seg, last))
     seqs = np.concatenate([np.broadcast_to(sink, (b, p)), refs], axis=1)  # the encoder's sequences, as one batch
     pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
     seg = np.ones((b, t), np.int32)
     args = jax.device_put((seqs, pos, seg))
     paths = {"forward": lambda: forward(params, *args),
              "encoder layers": lambda: same_layers(params, *args),
-             "encode": lambda: encode_references(params, cfg, refs, lengths, sink, k=mem.k)}
-    write = write_flops_per_reference(cfg, ref_len, sink_len=p)
-    no_scoring = write_flops_per_reference(dataclasses.replace(cfg, memory_kv_heads=()), ref_len, sink_len=p)
+             "encode": lambda: encode_references(params, cfg, refs, lengths, sink)}
+    write = write_flops_per_reference(cfg, sink_len=p)
+    no_scoring = write_flops_per_reference(dataclasses.replace(cfg, memory_kv_heads=()), sink_len=p)
     flops = {"forward": train_flops_per_token(cfg, t) / 3 * t, "encoder layers": no_scoring, "encode": write}
     root = tempfile.mkdtemp(prefix="write_throughput_")
     try:
         if _BANK.value:
-            arch = architecture(cfg, mem.k, ref_len)
+            arch = architecture(cfg)
             rows = b * (_REPEATS.value + 1)
             bank = MemoryBank.create(os.path.join(root, "bank"), num_refs=rows, architecture=arch,
                                      tokenizer_sha256="bench", checkpoint={"run_id": "bench", "step": 0},
@@ -133,7 +125,7 @@ def main(argv):
             start = iter(range(0, rows, b))
 
             def encode_and_write():
-                kv, kept = encode_references(params, cfg, refs, lengths, sink, k=mem.k)
+                kv, kept = encode_references(params, cfg, refs, lengths, sink)
                 bank.write(next(start), kv, kept, refs)
                 return kv
 
@@ -147,7 +139,7 @@ def main(argv):
           f"{cfg.hidden_size} ({cfg.num_heads} heads, {cfg.num_kv_heads} KV heads, head_dim {cfg.head_dim}, MLP "
           f"{cfg.mlp_dim}, vocab {cfg.vocab_size}), {_DTYPE.value}; {cfg.param_counts()['matmul'] / 1e6:.1f}M matmul "
           "parameters")
-    print(f"memory layers {list(cfg.memory_layers)}, memory KV heads {list(cfg.memory_kv_heads)}, k = {mem.k}; "
+    print(f"memory layers {list(cfg.memory_layers)}, memory KV heads {list(cfg.memory_kv_heads)}, k = {cfg.memory_k}; "
           f"batch {b} references x ({p} sink + {ref_len}) tokens; best of {_REPEATS.value}")
     print(f"\n{'path':<20} {'ms/batch':>9} {'refs/s':>9} {'GFLOP/ref':>10} {'GFLOP/s':>9}")
     rate = {}
