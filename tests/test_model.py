@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
+from m3jax.model import ModelConfig
 from m3jax.model import attention as attn_lib
 from m3jax.model import params as params_lib
 from m3jax.parallel import make_mesh
@@ -193,3 +194,32 @@ def test_attention_core_lse_and_its_gradient():
     g_ref = jax.grad(lambda q, k: jnp.sum(ref_lse(q, k) * w), argnums=(0, 1))(q, k)
     for a, r in zip(g_fast, g_ref, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5)
+
+
+def test_the_model_builds_inside_or_outside_a_mesh():
+    """Transformer(cfg, rngs=...) and init_params need no mesh; under one, the same values (logical names are only
+    read through the rules)."""
+    from flax import nnx
+
+    from m3jax.model import Transformer
+
+    cfg = ModelConfig.from_config(tiny_config().model)
+    outside = nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(3)), nnx.Param))
+    with jax.set_mesh(make_mesh({"data": -1, "fsdp": 1, "tensor": 1})):
+        inside = params_lib.init_params(cfg, 3)
+        abstract = params_lib.abstract_params(cfg)
+    assert max_param_diff(outside, inside) == 0.0
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(lambda a: (a.shape, a.dtype), inside)
+
+
+def test_a_batch_is_checked_against_the_task_schema():
+    config = tiny_config()
+    trainer = Trainer(config, make_mesh(config.mesh, jax.devices()[:1]))
+    assert set(trainer.schema) == {"inputs", "targets", "segment_ids", "positions", "loss_weights"}
+    batch = random_batch(config)
+    with pytest.raises(KeyError, match=r"batch is missing fields \['loss_weights'\] of task 'lm'"):
+        trainer.global_batch({k: v for k, v in batch.items() if k != "loss_weights"})
+    with pytest.raises(ValueError, match=r"batch field 'targets' of task 'lm' has shape \(8, 31\), expected \(8, 32\)"):
+        trainer.global_batch({**batch, "targets": batch["targets"][:, :-1]})
+    abstract = trainer.abstract_batch()  # what the ahead-of-time compile lowers with
+    assert {k: (v.shape, v.dtype) for k, v in abstract.items()} == {k: ((8, 32), np.int32) for k in trainer.schema}

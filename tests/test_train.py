@@ -138,3 +138,39 @@ def test_memory3_2b_dry_run_reports_size():
     assert report["params_total"] == report["params_non_embedding"] + 2 * 60416 * 3200
     assert report["train_flops_per_token"] == pytest.approx(
         6 * (report["params_non_embedding"] + 60416 * 3200) + 6 * 44 * 2048 * 40 * 80)
+
+
+def test_load_model_for_a_job(tmp_path):
+    """load_model: a checkpoint's parameters onto the job's mesh, its config and identity; a job config that
+    describes another model is refused by key."""
+    import json
+
+    from conftest import tiny_config
+
+    from m3jax.checkpoint import Checkpointer, load_model
+    from m3jax.model import ModelConfig
+    from m3jax.model.params import init_params
+
+    saved = tiny_config()
+    saved.run_name = "warm"
+    params = init_params(ModelConfig.from_config(saved.model, saved.memory), 7)
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", max_to_keep=1, async_save=False)
+    ckpt.save(5, {"params": params}, {}, json.loads(saved.to_json_best_effort()))
+    ckpt.wait()
+    ckpt.close()
+
+    job = tiny_config(vocab_size=-1)
+    mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
+    loaded = load_model(tmp_path / "run", job, mesh=mesh)
+    assert job.model.vocab_size == 300 and loaded.identity == {"run_id": "warm", "step": 5}
+    assert loaded.model_config == ModelConfig.from_config(saved.model, saved.memory)
+    wq = loaded.params["layers"]["wq"].sharding  # [layers, embed, heads, head_dim]
+    assert wq.mesh == mesh and wq.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    alone = load_model(tmp_path / "run" / "checkpoints" / "5")  # the checkpoint's own config, first device
+    assert alone.model_config == loaded.model_config and alone.saved_config["run_name"] == "warm"
+
+    other = tiny_config(num_layers=3)
+    with pytest.raises(CheckpointError, match=r"config.model.num_layers=3 but the checkpoint .*/5 was trained with 2"):
+        load_model(tmp_path / "run", other)
