@@ -7,7 +7,8 @@
 #                        through a coordinator on 127.0.0.1:<free port> (multi-process runs on one host, e.g. CPU
 #                        tests; one process already drives every GPU or TPU chip of a host).
 #   LOG_DIR=WORKDIR/logs where process <i> writes process_<i>.log (with N > 1; process 0 is also shown here).
-# With N > 1: the first process to fail stops the others, and the launcher exits non-zero naming it and its log.
+# With N > 1: the first process to fail stops the others, and the launcher exits non-zero naming the process whose
+# own error came first (a process that died after it, waiting on a collective, is not the cause) and its log.
 # SIGTERM is passed on to every process (they save a checkpoint and exit 143); Ctrl-C sends them SIGTERM too, and
 # a second Ctrl-C kills them.
 set -euo pipefail
@@ -98,7 +99,19 @@ while (( running > 0 )); do
 done
 wait "$follower" 2>/dev/null || true
 
+first_failure() {  # of the failed processes, the one whose own error came first ("failed at" in its log)
+  local best=$failed best_t="" i t
+  for ((i = 0; i < num; i++)); do
+    (( status[i] != 0 )) || continue
+    t=$(sed -n 's/^m3jax\.train: failed at \([0-9.]*\).*/\1/p' "$log_dir/process_$i.log" 2>/dev/null | head -n 1) || true
+    [[ -n $t ]] || continue
+    if [[ -z $best_t ]] || awk -v a="$t" -v b="$best_t" 'BEGIN { exit !(a < b) }'; then best=$i; best_t=$t; fi
+  done
+  echo "$best"
+}
+
 if (( failed >= 0 )); then
+  failed=$(first_failure)
   echo "launch/local.sh: FAILED: process $failed exited ${status[failed]}; see $log_dir/process_$failed.log" >&2
   exit "${status[failed]}"
 fi

@@ -1,7 +1,13 @@
 """Orbax checkpoints: train state, data-iterator state and config, restorable onto any mesh.
 
 Layout: `{workdir}/checkpoints/{step}/{state,data,config,loop}`: the train state (Orbax arrays), the data
-iterator's state, the config, and the loop's host-side state (the spike guard's statistics and rescue log).
+iterator's state, the config, and the loop's host-side state (the run's id, the identity of its data, the spike
+guard's statistics and rescue log).
+
+Identity. A run gets a unique id (`new_run_id`: its name and random digits) when its first checkpoint is made,
+and every checkpoint carries it; a checkpoint's identity is {run_id, step} (`checkpoint_identity`). Two runs
+never share one, whatever their names: a memory bank, and everything derived from it, records the identity of
+the checkpoint that wrote it.
 
 A checkpoint that exists but cannot be restored is an error naming it (`CheckpointError`): the run stops, the
 checkpoint is left as it is, and nothing restarts from step 0 over it.
@@ -16,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -148,17 +155,37 @@ def load_params(path: str | os.PathLike, abstract_params: Any) -> Any:
     return out["params"]
 
 
+def _read_json_item(step_dir: epath.Path, item: str) -> dict:
+    try:
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+            return ckptr.restore(step_dir / item)
+    except Exception as e:  # noqa: BLE001 - a damaged item is named, whatever Orbax raised
+        raise CheckpointError(f"cannot read {step_dir / item} ({type(e).__name__}: {e})") from e
+
+
 def load_config(path: str | os.PathLike) -> dict:
     """The config dict saved with a checkpoint (a run's checkpoint directory or one step of it)."""
+    return _read_json_item(resolve_step_dir(path), "config")
+
+
+def load_loop_state(path: str | os.PathLike) -> dict:
+    """The loop's state saved with a checkpoint ({} for a checkpoint without one)."""
     step_dir = resolve_step_dir(path)
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-        return ckptr.restore(step_dir / "config")
+    return _read_json_item(step_dir, "loop") if (step_dir / "loop").exists() else {}
 
 
-def checkpoint_identity(step_dir: epath.Path, saved_config: Mapping[str, Any]) -> dict[str, Any]:
-    """{run_id, step} of a checkpoint step directory (…/WORKDIR/checkpoints/STEP): run_id is the run_name saved
-    with it, else the workdir's name."""
-    run_id = saved_config.get("run_name") or step_dir.parent.parent.name
+def new_run_id(run_name: str) -> str:
+    """A fresh run's identity: its name and 12 random hex digits (see the module docstring)."""
+    return f"{run_name}-{secrets.token_hex(6)}"
+
+
+def checkpoint_identity(step_dir: epath.Path, loop_state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """{run_id, step} of a checkpoint step directory: the run id its loop state records (module docstring)."""
+    run_id = (load_loop_state(step_dir) if loop_state is None else loop_state).get("run_id")
+    if not run_id:
+        raise CheckpointError(f"checkpoint {step_dir} records no run id (it was written outside the training loop or "
+                              "by an older m3jax), so nothing derived from it could name it; resume the run once to "
+                              "write a checkpoint that does")
     return {"run_id": str(run_id), "step": int(step_dir.name)}
 
 
@@ -180,7 +207,24 @@ class LoadedModel:
     model_config: ModelConfig
     saved_config: dict  # the config the checkpoint was saved with
     step_dir: epath.Path
-    identity: dict[str, Any]  # {run_id, step}
+    loop_state: dict  # what the training loop saved with it: the run id, the identity of its data, ...
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """{run_id, step}: what a bank written with these parameters records (a CheckpointError without a run id)."""
+        return checkpoint_identity(self.step_dir, self.loop_state)
+
+    def check_tokenizer(self, tokenizer_sha256: str, name: str) -> None:
+        """Refuses a tokenizer other than the one that wrote the checkpoint's training data (same vocabulary
+        size or not: another tokenizer gives the ids other meanings)."""
+        theirs = self.loop_state.get("data", {}).get("tokenizer_sha256")
+        if theirs is None:
+            raise CheckpointError(f"checkpoint {self.step_dir} records no tokenizer of its data, so {name} cannot be "
+                                  "checked against it; resume the run once to write a checkpoint that does")
+        if theirs != tokenizer_sha256:
+            raise CheckpointError(f"{name} is not the tokenizer that wrote the training data of checkpoint "
+                                  f"{self.step_dir} (data {self.saved_config.get('data', {}).get('path')!r}): sha256 "
+                                  f"{tokenizer_sha256[:12]}…, the data's {theirs[:12]}…")
 
 
 def load_model(path: str | os.PathLike, config=None, *, mesh: Mesh | None = None) -> LoadedModel:
@@ -209,4 +253,4 @@ def load_model(path: str | os.PathLike, config=None, *, mesh: Mesh | None = None
         rules = saved.get("logical_axis_rules", parallel.DEFAULT_LOGICAL_AXIS_RULES)
     params = load_params(step_dir, params_lib.abstract_on_mesh(model_cfg, mesh, rules))
     return LoadedModel(params=params, model_config=model_cfg, saved_config=saved, step_dir=step_dir,
-                       identity=checkpoint_identity(step_dir, saved))
+                       loop_state=load_loop_state(step_dir))

@@ -8,6 +8,10 @@ offending key.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 
 from m3jax.parallel import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
@@ -122,6 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_batches = 4
     t.checkpoint_every = 200
     t.keep_checkpoints = 3
+    # A resumed run refuses a config whose keys that decide what the state means or which data comes next (the
+    # model's architecture and memory geometry, the data and its tokenizer, the batch size, the seeds) differ from
+    # its checkpoint's. List here (comma-separated) the keys changed on purpose, e.g. "data.path".
+    t.resume_overrides = ""
     t.async_checkpointing = True
     # Profiling: a jax.profiler trace of steps [profile_start, profile_start + profile_steps) into WORKDIR/profile
     # (TensorBoard's profile plugin or Perfetto read it). 0 = off.
@@ -299,6 +307,9 @@ def resolve(c: ml_collections.ConfigDict, *, saved: dict | None = None, log=None
             c.model.vocab_size = int(saved["model"]["vocab_size"])
     if not c.data.path:
         return None
+    if "://" not in c.data.path:  # a local directory: the same data whatever the working directory
+        with c.unlocked():
+            c.data.path = os.path.abspath(c.data.path)
     meta = read_metadata(c.data.path)
     with c.unlocked():
         if c.model.vocab_size == -1:
@@ -331,3 +342,21 @@ def resolve(c: ml_collections.ConfigDict, *, saved: dict | None = None, log=None
             with c.unlocked():
                 c.train.eval_batches = available
     return meta
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config (ConfigDict or its JSON dict) as {"section.key": value}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differences(a: Mapping[str, Any], b: Mapping[str, Any], keys=None) -> list[tuple[str, Any, Any]]:
+    """(key, a's value, b's value) for each flattened key (of `keys`, default all) on which two configs differ."""
+    fa, fb = flatten(a), flatten(b)
+    keys = sorted(set(fa) | set(fb)) if keys is None else keys
+    return [(k, fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)]

@@ -37,6 +37,7 @@ from m3jax.data.records import read_metadata
 from m3jax.memory import layout as layout_lib
 from m3jax.memory.bank import MemoryBank
 from m3jax.memory.codecs import get_codec
+from m3jax.memory.writer import read_record
 from m3jax.model.memory import Memory, check_layout, valid_keys
 from m3jax.retrieval.retrieve import RetrievedIds
 
@@ -117,6 +118,13 @@ def make_memory_iterator(
     if ids.meta["num_refs"] != num_refs:
         raise ValueError(f"retrieved ids {ids.directory} index {ids.meta['num_refs']:,} references, the memory "
                          f"source holds {num_refs:,}")
+    if "references_sha256" in ids.meta:  # the references the ids index into must be the source's
+        record = read_record(source.path) if mode == "bank" else {"references_sha256": source.sha256()}
+        theirs = (record or {}).get("references_sha256")
+        if theirs != ids.meta["references_sha256"]:
+            raise ValueError(f"retrieved ids {ids.directory} index the references of another knowledge base than "
+                             f"the memory source's ({'bank ' + source.path if mode == 'bank' else 'References'}): "
+                             "retrieve again against this bank")
     split_records = read_metadata(data_dir)["splits"].get(split, {}).get("num_records")
     if split_records is not None and ids.num_records != split_records:
         raise ValueError(f"retrieved ids {ids.directory} cover {ids.num_records:,} records, split {split!r} of "

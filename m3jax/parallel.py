@@ -141,3 +141,17 @@ def initialize_distributed(dist_cfg) -> None:
         jax.distributed.initialize()
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def allgather_bytes(data: bytes) -> list[bytes]:
+    """Every process's `data`, in process order: a collective that every process of the run must call (with one
+    process, just `[data]`)."""
+    if jax.process_count() == 1:
+        return [data]
+    from jax.experimental import multihost_utils
+
+    lengths = multihost_utils.process_allgather(np.asarray([len(data)], np.int32)).reshape(-1)
+    buf = np.zeros(int(lengths.max()), np.uint8)
+    buf[:len(data)] = np.frombuffer(data, np.uint8)
+    every = multihost_utils.process_allgather(buf).reshape(len(lengths), -1)
+    return [bytes(every[i, :n]) for i, n in enumerate(lengths)]

@@ -2,6 +2,7 @@
 grain pipeline's ordering guarantees (seeded, process-count independent, exactly resumable)."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from absl import flags
 
 from m3jax.data import corpus, pipeline, prepare, records
 from m3jax.data.packing import LM_FIELDS, pack_documents
-from m3jax.data.tokenizer import Tokenizer, train_tokenizer
+from m3jax.data.tokenizer import MAX_LINE_BYTES, Tokenizer, split_long_line, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 BOS, EOS = 2, 3
@@ -97,8 +98,84 @@ def test_tokenizer_round_trip_and_identity(docs, tokenizer_path, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.model"):
         Tokenizer(tmp_path / "missing.model")
     (tmp_path / "junk.model").write_bytes(b"not a model")
-    with pytest.raises(ValueError, match="junk.model"):
+    with pytest.raises(ValueError, match="junk.model is not a SentencePiece model: its bytes do not parse as one"):
         Tokenizer(tmp_path / "junk.model")
+    (tmp_path / "empty.model").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.model is empty, not a SentencePiece model"):
+        Tokenizer(tmp_path / "empty.model")
+
+
+def multibyte_text(num_chars, seed=0):
+    """Text without spaces of words of 3-byte (CJK) and 4-byte (CJK extension B) characters."""
+    rng = np.random.default_rng(seed)
+    alphabet = list("漢字仮名交日本語表記体系文書") + [chr(0x20000 + i) for i in range(8)]
+    words = ["".join(rng.choice(alphabet, size=rng.integers(2, 5))) for _ in range(40)]
+    return "".join(words[i] for i in rng.integers(len(words), size=num_chars))[:num_chars]
+
+
+def test_split_long_line_keeps_every_character():
+    assert MAX_LINE_BYTES == 4192  # SentencePiece's default max_sentence_length
+    english = "the quick brown fox jumps " * 800  # 20,800 characters
+    pieces = split_long_line(english)
+    assert "".join(pieces) == english and len(pieces) == 5
+    assert all(len(p.encode()) <= MAX_LINE_BYTES for p in pieces)
+    assert all(p.startswith(" ") and not p.endswith(" ") for p in pieces[1:-1])  # cut before a space
+    text = multibyte_text(20_000)
+    pieces = split_long_line(text)
+    assert "".join(pieces) == text
+    assert all(MAX_LINE_BYTES - 3 <= len(p.encode()) <= MAX_LINE_BYTES for p in pieces[:-1])  # no space: full
+    # 4-byte characters: a piece of exactly the limit, and after a 1-byte character, the cut before the limit
+    assert [len(p.encode()) for p in split_long_line("🙂" * 2000)] == [4192, 3808]
+    assert [len(p.encode()) for p in split_long_line("a" + "🙂" * 2000)] == [4189, 3812]
+    assert split_long_line("short") == ["short"]
+
+
+def test_tokenizer_trains_on_lines_over_the_sentencepiece_limit(docs, tmp_path, caplog):
+    """SentencePiece skips training lines over 4192 bytes without a word: a document that is one 20,000-character
+    line (English, or 3- and 4-byte characters) was left out of the vocabulary; now it is trained on in pieces."""
+    english = " ".join(" ".join(d.text.split()) for d in docs[100:140])[:20_000]
+    multibyte = multibyte_text(20_000)
+    texts = [d.text for d in docs[::20]] + [english, "a heading\n" + multibyte + "\n"]
+    with caplog.at_level(logging.WARNING, logger="m3jax.data.tokenizer"):
+        tok = Tokenizer(train_tokenizer(texts, str(tmp_path / "spm"), 1000))
+    assert "2 of " in caplog.text and "lines were longer than SentencePiece's limit of 4192 bytes" in caplog.text
+    for text in (english, multibyte):
+        assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode(multibyte)
+    assert min(ids) >= 4 + 256  # each of its characters is a piece (dropped, they would fall back to bytes) ...
+    assert len(ids) < len(multibyte) / 2  # ... and its words were merged
+    assert len(tok.encode(english)) < len(english) / 2
+
+    rng = np.random.default_rng(1)  # a line of exactly the limit is SentencePiece's own: trained on whole
+    limit = "".join(chr(0x20000 + i) for i in rng.integers(16, size=MAX_LINE_BYTES // 4))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="m3jax.data.tokenizer"):
+        tok = Tokenizer(train_tokenizer([limit], str(tmp_path / "limit"), 300))
+    assert caplog.text == "" and min(tok.encode(limit)) >= 4 + 256
+
+
+def test_tokenizer_training_errors_are_ours(tmp_path):
+    prefix = str(tmp_path / "spm")
+    for empty in ([], ["", "\n  \n\t\n"]):
+        with pytest.raises(ValueError, match="no text to train the tokenizer on: the corpus is empty or all its "
+                                             "lines are blank"):
+            train_tokenizer(empty, prefix, 300)
+    with pytest.raises(ValueError, match=r"vocab_size=5000 is larger than this corpus supports \(at most \d+\): "
+                                         "lower --vocab_size"):
+        train_tokenizer(["hello world"] * 3, prefix, 5000)
+    with pytest.raises(ValueError, match=r"vocab_size=262 is too small for this corpus: .* need at least 271: "
+                                         "raise --vocab_size"):
+        train_tokenizer(["naïve café 漢字"], prefix, 262)
+    with pytest.raises(ValueError, match="vocab_size=-5 is too small: it must be at least 261"):
+        train_tokenizer(["hello world"], prefix, -5)
+
+    def unreadable():
+        yield "hello world"
+        raise OSError("corpus file vanished")
+
+    with pytest.raises(OSError, match="corpus file vanished"):  # the corpus's own error, not SentencePiece's wrapper
+        train_tokenizer(unreadable(), prefix, 300)
+    assert not list(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------------------------------- packing

@@ -5,6 +5,7 @@ stubs stand in for sbatch, srun, gcloud, and for the trainer where only local.sh
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -290,6 +291,33 @@ def test_local_failure_stops_the_others_and_names_the_process(tmp_path):
     assert (tmp_path / "ended_0").read_text() == "TERM\n"  # process 0 was stopped
     assert "trainer 1 crashed" in (tmp_path / "logs" / "process_1.log").read_text()
     assert "trainer 0 up" in out
+
+
+VICTIM_TRAINER = """#!/usr/bin/env bash
+# Process 1 fails on its own and is slow to exit; process 0 then dies of it (as a collective timing out would) and
+# exits at once, before process 1. Each prints the line m3jax.train prints when it fails.
+if [[ $1 == -c ]]; then exec "$REAL_PY" "$@"; fi
+last=${!#}
+id=${last#--config.distributed.process_id=}
+if [[ $id == 1 ]]; then
+  echo "m3jax.train: failed at $(date +%s.%N) (ConfigError)" >&2; touch "$OUT/failed_1"; sleep 1.5; exit 1
+fi
+while [[ ! -e $OUT/failed_1 ]]; do sleep 0.05; done
+sleep 0.2; echo "m3jax.train: failed at $(date +%s.%N) (JaxRuntimeError)" >&2; exit 4
+"""
+
+
+def test_local_names_the_process_whose_error_came_first(tmp_path):
+    fake = tmp_path / "fake_python"
+    fake.write_text(VICTIM_TRAINER)
+    fake.chmod(0o755)
+    env = clean_env(PY=str(fake), REAL_PY=sys.executable, OUT=str(tmp_path), NUM_PROCESSES="2")
+    r = subprocess.run([BASH, "launch/local.sh", "configs/demo.py", f"--workdir={tmp_path}"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert "process 0 failed (exit 4)" in r.stderr  # process 0 exited first ...
+    assert re.search(rf"FAILED: process 1 exited \d+; see {re.escape(str(tmp_path))}/logs/process_1.log",
+                     r.stderr)  # ... but process 1's error came first (it exits 143: stopped while exiting)
+    assert r.returncode != 0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

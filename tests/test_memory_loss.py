@@ -148,7 +148,8 @@ def test_cli_runs_on_a_checkpoint(setup, lm_data, tmp_path):
     config.model.update(vocab_size=setup["meta"]["vocab_size"], init_std=0.3)
     cfg = ModelConfig.from_config(config.model)
     ckpt = Checkpointer(tmp_path / "checkpoints", max_to_keep=1, async_save=False)
-    ckpt.save(1, {"params": init_params(cfg, 1)}, {}, json.loads(config.to_json_best_effort()))
+    ckpt.save(1, {"params": init_params(cfg, 1)}, {}, json.loads(config.to_json_best_effort()),
+              {"run_id": "test", "data": {"tokenizer_sha256": setup["tokenizer"].sha256}})
     ckpt.wait()
     ckpt.close()
     out_json = tmp_path / "out.json"

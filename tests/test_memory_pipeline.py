@@ -16,6 +16,7 @@ import tensorstore as ts
 
 from m3jax.data.records import read_metadata
 from m3jax.memory.layout import max_groups
+from m3jax.memory.writer import read_record
 from m3jax.memory_pipeline import CODES_PREFIX, device_memory, make_memory_iterator, memory_iterator
 from m3jax.retrieval.build import open_bank
 from m3jax.retrieval.retrieve import RetrievedIds
@@ -23,8 +24,9 @@ from m3jax.retrieval.retrieve import RetrievedIds
 BATCH, SLOTS, CHUNK, REF_LEN = 4, 5, 64, 128
 
 
-def synthetic_ids(directory, data_dir, split, num_refs, seed=0):
-    """A complete ids store for `split`: one reference per chunk drawn at random, a tenth of the chunks none."""
+def synthetic_ids(directory, data_dir, split, num_refs, references_sha256, seed=0):
+    """A complete ids store for `split`: one reference per chunk drawn at random, a tenth of the chunks none, into
+    the references whose digest is `references_sha256` (as tools/retrieve.py records it)."""
     meta = read_metadata(data_dir)
     n, groups = meta["splits"][split]["num_records"], max_groups(meta["seq_len"], CHUNK)
     rng = np.random.default_rng(seed)
@@ -32,7 +34,8 @@ def synthetic_ids(directory, data_dir, split, num_refs, seed=0):
     ids[rng.random(ids.shape) < 0.1] = -1
     store = RetrievedIds.create(directory, {"num_records": n, "block_records": 8, "num_groups": groups,
                                             "refs_per_chunk": 1, "chunk_size": CHUNK, "num_refs": num_refs,
-                                            "seq_len": meta["seq_len"], "split": split})
+                                            "seq_len": meta["seq_len"], "split": split,
+                                            "references_sha256": references_sha256})
     for i in range(store.num_blocks):
         a, b = store.block_range(i)
         store.write_block(i, ids[a:b])
@@ -44,7 +47,8 @@ def setup(memory_kb, tmp_path_factory):
     from m3jax.data.tokenizer import Tokenizer
 
     bank = open_bank(memory_kb["bank"], Tokenizer(memory_kb["tokenizer"]))
-    ids = synthetic_ids(tmp_path_factory.mktemp("ids") / "retrieval-train", memory_kb["data"], "train", bank.num_refs)
+    ids = synthetic_ids(tmp_path_factory.mktemp("ids") / "retrieval-train", memory_kb["data"], "train", bank.num_refs,
+                        read_record(memory_kb["bank"])["references_sha256"])
     return {"bank": bank, "bank_dir": memory_kb["bank"], "ids": ids, "data": memory_kb["data"],
             "sink": memory_kb["sink"], "refs": memory_kb["refs"]}
 
@@ -201,6 +205,16 @@ def test_the_config_sets_up_the_same_loader(setup, memory_kb):
     config.retrieval.ids_path = ""  # default: DATA/retrieval-train, which this data directory does not hold
     with pytest.raises(FileNotFoundError, match="retrieval-train"):
         memory_iterator(config, "train", setup["refs"], len(setup["sink"]))
+
+
+def test_ids_of_other_references_are_refused(setup, tmp_path):
+    """Retrieved ids record the references they index into; a bank or knowledge base of other references (as many
+    of them) is refused in both modes."""
+    other = synthetic_ids(tmp_path / "other", setup["data"], "train", setup["bank"].num_refs, "f" * 64)
+    for mode, source in (("bank", setup["bank"]), ("online", setup["refs"])):
+        with pytest.raises(ValueError, match="index the references of another knowledge base"):
+            make_memory_iterator(setup["data"], "train", other, source, mode=mode, layout="paper", slots=SLOTS,
+                                 chunk_size=CHUNK, sink_len=3, ref_len=REF_LEN, global_batch_size=BATCH, seed=0)
 
 
 def test_mismatches_are_named(setup, memory_kb):

@@ -155,14 +155,14 @@ def test_load_model_for_a_job(tmp_path):
     saved.run_name = "warm"
     params = init_params(ModelConfig.from_config(saved.model, saved.memory), 7)
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints", max_to_keep=1, async_save=False)
-    ckpt.save(5, {"params": params}, {}, json.loads(saved.to_json_best_effort()))
+    ckpt.save(5, {"params": params}, {}, json.loads(saved.to_json_best_effort()), {"run_id": "warm-0a1b"})
     ckpt.wait()
     ckpt.close()
 
     job = tiny_config(vocab_size=-1)
     mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
     loaded = load_model(tmp_path / "run", job, mesh=mesh)
-    assert job.model.vocab_size == 300 and loaded.identity == {"run_id": "warm", "step": 5}
+    assert job.model.vocab_size == 300 and loaded.identity == {"run_id": "warm-0a1b", "step": 5}
     assert loaded.model_config == ModelConfig.from_config(saved.model, saved.memory)
     wq = loaded.params["layers"]["wq"].sharding  # [layers, embed, heads, head_dim]
     assert wq.mesh == mesh and wq.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
@@ -174,3 +174,70 @@ def test_load_model_for_a_job(tmp_path):
     other = tiny_config(num_layers=3)
     with pytest.raises(CheckpointError, match=r"config.model.num_layers=3 but the checkpoint .*/5 was trained with 2"):
         load_model(tmp_path / "run", other)
+
+
+def test_runs_have_their_own_ids_and_a_bank_cannot_mix_two(lm_data, tmp_path):
+    """Two runs of the same name reach the same step: their checkpoints' identities differ (a resume keeps its
+    run's), so a bank half-written with one cannot be finished with the other."""
+    from m3jax.checkpoint import checkpoint_identity
+    from m3jax.memory.bank import BankMismatchError, architecture
+    from m3jax.memory.knowledge import cut_references
+    from m3jax.memory.writer import open_for_writing, writer_record
+    from m3jax.model import ModelConfig
+
+    config = lm_config(lm_data, num_steps=2, stop_at=1)
+    first = loop.train(config, str(tmp_path / "a"))
+    resumed = loop.train(lm_config(lm_data, num_steps=2), str(tmp_path / "a"))
+    other = loop.train(lm_config(lm_data, num_steps=2), str(tmp_path / "b"))  # same run_name, same steps
+    assert first["run_id"] == resumed["run_id"] != other["run_id"]
+    assert first["run_id"].startswith("test-") and other["run_id"].startswith("test-")
+    a, b = (checkpoint_identity(tmp_path / run / "checkpoints" / "2") for run in ("a", "b"))
+    assert a == {"run_id": first["run_id"], "step": 2} and b == {"run_id": other["run_id"], "step": 2}
+
+    refs = cut_references([("doc", list(range(3, 300)))], 128)
+    cfg = ModelConfig.from_config(config.model, config.memory)
+    kw = dict(architecture=architecture(cfg), tokenizer_sha256="tok", sink=[1, 2], codec="bf16", refs_per_shard=1,
+              record=writer_record(refs, 1, cfg.dtype))
+    bank, _ = open_for_writing(str(tmp_path / "bank"), refs, checkpoint=a, **kw)
+    shape = (1, *bank.row_shape)
+    positions = np.full((1, shape[1], shape[3], shape[4]), 3, np.int32)  # [n, mem_layers, kv_heads, k]
+    bank.write(0, np.zeros(shape, np.float32), positions, refs.rows([0])[0])  # row 0 of 3, by run a
+    with pytest.raises(BankMismatchError, match=f"written by checkpoint .*{first['run_id']}.*this writer has .*"
+                                                f"{other['run_id']}"):
+        open_for_writing(str(tmp_path / "bank"), refs, checkpoint=b, **kw)
+
+
+def test_resume_refuses_a_config_that_changes_the_state_or_the_data_order(lm_data, tmp_path):
+    import json
+    import shutil
+
+    from m3jax.config import ConfigError
+    from m3jax.data.records import read_metadata, write_metadata
+
+    loop.train(lm_config(lm_data, num_steps=3, stop_at=1), str(tmp_path / "run"))
+    retokenized = tmp_path / "data"  # the same records, said to be written by another tokenizer
+    shutil.copytree(lm_data, retokenized)
+    write_metadata(retokenized, {**read_metadata(lm_data), "tokenizer_sha256": "0" * 64})
+
+    def resume(**changes):
+        c = lm_config(lm_data, num_steps=3)
+        for key, value in changes.items():
+            section, name = key.split(".")
+            c[section][name] = value
+        return loop.train(c, str(tmp_path / "run"))
+
+    with pytest.raises(ConfigError, match=r"data.global_batch_size: checkpoint 16, now 8"):
+        resume(**{"data.global_batch_size": 8})
+    with pytest.raises(ConfigError, match=r"model.rope_base: checkpoint 10000.0, now 500000.0"):
+        resume(**{"model.rope_base": 5e5})
+    with pytest.raises(ConfigError, match=r"data.path: checkpoint .*; data.tokenizer_sha256: checkpoint "
+                                          r"'[0-9a-f]{64}', now '0{64}'.*train.resume_overrides"):
+        resume(**{"data.path": str(retokenized)})
+    with pytest.raises(ConfigError, match=r"resume_overrides: \['optimizer.peak_lr'\] are not keys a resume compares"):
+        resume(**{"train.resume_overrides": "optimizer.peak_lr"})
+    # on purpose: a new shuffle seed, named; a new learning rate needs no override (it is logged)
+    summary = resume(**{"data.shuffle_seed": 5, "optimizer.peak_lr": 5e-3,
+                        "train.resume_overrides": "data.shuffle_seed"})
+    assert summary["start_step"] == 1 and summary["end_step"] == 3
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "3" / "config" / "metadata").read_text())
+    assert saved["data"]["shuffle_seed"] == 5

@@ -47,19 +47,20 @@ def kb(lm_data, tmp_path_factory):
     config = lm_test_config.get_config()
     config.model.vocab_size = Tokenizer(tokenizer).vocab_size
     ckpt = Checkpointer(root / "run" / "checkpoints", max_to_keep=2, async_save=False)
+    loop_state = {"run_id": "test", "data": {"tokenizer_sha256": Tokenizer(tokenizer).sha256}}  # as the loop saves
     for step in (1, 2):
         ckpt.save(step, {"params": init_params(ModelConfig.from_config(config.model, config.memory), seed=step)}, {},
-                  config.to_dict())
+                  config.to_dict(), loop_state)
     ckpt.close()
     return {"root": root, "tokenizer": str(tokenizer), "knowledge": str(knowledge), "config": config,
             "step1": str(root / "run" / "checkpoints" / "1"), "step2": str(root / "run" / "checkpoints" / "2")}
 
 
-def cli(kb, bank, *extra, checkpoint="step1"):
+def cli(kb, bank, *extra, checkpoint="step1", tokenizer=None):
     """The write_memory command line (a list) with the test's settings."""
     return [sys.executable, "tools/write_memory.py", "--config=tests/lm_test_config.py",
-            f"--checkpoint={kb[checkpoint]}", f"--tokenizer={kb['tokenizer']}", f"--knowledge={kb['knowledge']}",
-            f"--bank={bank}", *ARGS, *extra]
+            f"--checkpoint={kb[checkpoint]}", f"--tokenizer={tokenizer or kb['tokenizer']}",
+            f"--knowledge={kb['knowledge']}", f"--bank={bank}", *ARGS, *extra]
 
 
 def env(kb):
@@ -251,6 +252,16 @@ def test_refusals(kb, reference_bank, tmp_path):
     assert out.returncode == 1
     assert "written by checkpoint {'run_id': 'test', 'step': 1}, this writer has {'run_id': 'test', 'step': 2}" \
         in out.stderr and "--allow_other_checkpoint" in out.stderr, out.stderr[-2000:]
+    # a tokenizer of the same vocabulary size that did not write the checkpoint's data
+    from m3jax.data.tokenizer import train_tokenizer
+
+    vocab = Tokenizer(kb["tokenizer"]).vocab_size
+    other_tok = train_tokenizer((d.text for d in embedded_corpus()[::-1][:120]), str(tmp_path / "other"), vocab)
+    assert Tokenizer(other_tok).vocab_size == vocab and Tokenizer(other_tok).sha256 != Tokenizer(kb["tokenizer"]).sha256
+    out = run(kb, cli(kb, tmp_path / "bank_other_tok", tokenizer=other_tok))
+    assert out.returncode == 1 and f"{other_tok} is not the tokenizer that wrote the training data of checkpoint" \
+        in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "bank_other_tok").exists()
 
     tok = Tokenizer(kb["tokenizer"])
     cfg, _ = model(kb)

@@ -7,9 +7,11 @@
   all-MiniLM-L6-v2); the index kind and its settings are `config.retrieval.*` (auto: brute force up to
   `brute_force_max` references, tree + asymmetric hashing + exact reorder above).
 - A reference's text is its stored tokens decoded by `--tokenizer`, which must be the one that wrote the bank.
+  An incomplete bank is refused, naming how many references are unwritten.
 - The index is saved in `--index` (default BANK/index) with the embedder's identity: retrieval with another
-  embedder is refused. The vectors stay in `INDEX-vectors/` (blocks): a rebuild with other index settings does
-  not embed again, and an interrupted build embeds only the missing blocks.
+  embedder, or for a bank whose texts changed, is refused. The vectors stay in `INDEX-vectors/` (blocks, each with
+  a record of the texts it embedded): a rebuild with other index settings does not embed again, and a rerun embeds
+  only the missing blocks and those whose references were written again with other tokens.
 - Several processes (jax.distributed: `--config.distributed.*`, SLURM, TPU pods) each embed their share of the
   blocks on their own devices; process 0 builds and saves the searcher.
 """
@@ -28,8 +30,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _BANK = flags.DEFINE_string("bank", None, "The memory bank: a directory or a TensorStore kvstore URL.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "The SentencePiece model that wrote the bank.")
 _INDEX = flags.DEFINE_string("index", "", "The index directory (default BANK/index).")
-_BLOCK_REFS = flags.DEFINE_integer("block_refs", 4096, "References per saved vector block.")
-_LOG_EVERY = flags.DEFINE_float("log_every_s", 10.0, "Seconds between progress lines.")
+_BLOCK_REFS = flags.DEFINE_integer("block_refs", 4096, "References per saved vector block.", lower_bound=1)
+_LOG_EVERY = flags.DEFINE_float("log_every_s", 10.0, "Seconds between progress lines (0: after every block).",
+                                lower_bound=0.0)
 
 
 _PROGRESS = cli.progress("build_index: ")
@@ -64,15 +67,19 @@ def main(argv):
     except (ValueError, FileNotFoundError, KeyError) as e:  # BankMismatchError is a ValueError
         sys.exit(f"build_index: {e}")
 
-    s = build.embed_references(blocks, bank, tokenizer, embedder, process_index=proc, process_count=nproc,
-                               log=_PROGRESS, log_every_s=_LOG_EVERY.value)
-    print(f"build_index: process {proc} of {nproc}: embedded {s['refs']:,} references in {s['seconds']:.1f} s "
-          f"({s['refs_per_s']:,.1f}/s) with {embedder.identity['name']}", flush=True)
+    try:
+        s = build.embed_references(blocks, bank, tokenizer, embedder, process_index=proc, process_count=nproc,
+                                   log=_PROGRESS, log_every_s=_LOG_EVERY.value)
+    except ValueError as e:  # a damaged bank row (BankCorruptionError) names itself
+        sys.exit(f"build_index: {e}")
+    print(f"build_index: process {proc} of {nproc}: embedded {s['refs']:,} references ({s['blocks']} blocks; "
+          f"{s['reused']} up to date) in {s['seconds']:.1f} s ({s['refs_per_s']:,.1f}/s) with "
+          f"{embedder.identity['name']}", flush=True)
     cli.barrier("build_index_embedded")
     if proc == 0:
         t1 = time.perf_counter()
         try:
-            index = build.build_index(blocks, embedder, settings, index_dir)
+            index = build.build_index(blocks, embedder, settings, index_dir, bank=bank)
         except ValueError as e:
             sys.exit(f"build_index: {e}")
         print(f"build_index: {index_dir}: {index.num_vectors:,} vectors of {index.dim}, {index.settings}, built in "

@@ -37,12 +37,23 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A run's workdir, its chec
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "The SentencePiece model that wrote the checkpoint's data.")
 _DATA = flags.DEFINE_string("data", None, "Data directory naming the corpus and held-out split (default: the "
                             "checkpoint's config.data.path).")
-_NUM_PASSAGES = flags.DEFINE_integer("num_passages", 128, "held-out passages to score")
-_MIN_TOKENS = flags.DEFINE_integer("min_tokens", 32, "drop passages (document tails) shorter than this")
+_NUM_PASSAGES = flags.DEFINE_integer("num_passages", 128, "held-out passages to score (at least 2: the "
+                                     "shuffled control)", lower_bound=2)
+_MIN_TOKENS = flags.DEFINE_integer("min_tokens", 32, "drop passages (document tails) shorter than this", lower_bound=1)
 _K = flags.DEFINE_list("k", ["128", "8"], "tokens kept per memory head")
 _CODEC = flags.DEFINE_list("codec", ["bf16", "int8"], f"memory codecs; '{evaluate.NO_CODEC}' = the encoder's output")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "passages per forward")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "passages per forward", lower_bound=1)
 _JSON = flags.DEFINE_string("json", None, "also write the results (summary and per-passage losses) to this file")
+
+
+def _positive_ints(values: list[str]) -> bool:
+    try:
+        return bool(values) and all(int(v) > 0 for v in values)
+    except ValueError:
+        return False
+
+
+flags.register_validator("k", _positive_ints, message="--k must be a comma-separated list of positive integers")
 
 def render(s: dict, setup: dict, codec_effects: dict) -> str:
     lines = [f"checkpoint {setup['checkpoint']}; {setup['num_passages']} held-out passages from "
@@ -80,6 +91,7 @@ def main(argv):
             raise ValueError("the checkpoint's config names no data directory; give --data")
         meta = read_metadata(data_dir)
         tokenizer = Tokenizer(_TOKENIZER.value)
+        loaded.check_tokenizer(tokenizer.sha256, _TOKENIZER.value)
         if tokenizer.sha256 != meta["tokenizer_sha256"]:
             raise ValueError(f"{_TOKENIZER.value} is not the tokenizer that wrote {data_dir}")
     except (CheckpointError, OSError, ValueError) as e:

@@ -20,9 +20,12 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A run's checkpoint direct
 _OUT = flags.DEFINE_string("out", None, "Directory to write config.json and model.safetensors to.",
                            required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "dtype of the exported weights.")
-_BOS_ID = flags.DEFINE_integer("bos_id", None, "bos token id (default: from the run's data metadata).")
-_EOS_ID = flags.DEFINE_integer("eos_id", None, "eos token id (default: from the run's data metadata).")
-_PAD_ID = flags.DEFINE_integer("pad_id", None, "pad token id (default: from the run's data metadata).")
+_BOS_ID = flags.DEFINE_integer("bos_id", None, "bos token id (default: from the run's data metadata).",
+                               lower_bound=0)
+_EOS_ID = flags.DEFINE_integer("eos_id", None, "eos token id (default: from the run's data metadata).",
+                               lower_bound=0)
+_PAD_ID = flags.DEFINE_integer("pad_id", None, "pad token id (default: from the run's data metadata).",
+                               lower_bound=0)
 
 
 def _data_metadata(config: dict) -> dict:

@@ -29,14 +29,16 @@ from m3jax.model.config import ModelConfig
 from m3jax.train.flops import read_flops_per_token, write_flops_per_reference
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-_NUM_REFS = flags.DEFINE_integer("num_refs", None, "references in the bank")
+_NUM_REFS = flags.DEFINE_integer("num_refs", None, "references in the bank", lower_bound=1)
 _CODECS = flags.DEFINE_list("codecs", list(CODECS), "codecs to compare")
-_GLOBAL_BATCH = flags.DEFINE_integer("global_batch", None, "sequences per step (default: config.data)")
-_SEQ = flags.DEFINE_integer("seq", None, "tokens per sequence (default: config.data.seq_len)")
-_PROCESSES = flags.DEFINE_integer("processes", 1, "hosts (JAX processes) sharing the batch")
+_GLOBAL_BATCH = flags.DEFINE_integer("global_batch", None, "sequences per step (default: config.data)", lower_bound=1)
+_SEQ = flags.DEFINE_integer("seq", None, "tokens per sequence (default: config.data.seq_len)", lower_bound=1)
+_PROCESSES = flags.DEFINE_integer("processes", 1, "hosts (JAX processes) sharing the batch", lower_bound=1)
 _MEMORIES_PER_CHUNK = flags.DEFINE_float(
     "memories_per_chunk", 1.0, "unique memories per chunk a step moves (1 = the paper's training layout)")
-_SINK_LEN = flags.DEFINE_integer("sink_len", 0, "sink tokens encoded with every reference (the paper counts 0)")
+_SINK_LEN = flags.DEFINE_integer("sink_len", 0, "sink tokens encoded with every reference (the paper counts 0)",
+                                 lower_bound=0)
+flags.register_validator("memories_per_chunk", lambda m: m > 0, message="--memories_per_chunk must be > 0")
 _JSON = flags.DEFINE_bool("json", False, "print JSON instead of a table")
 
 

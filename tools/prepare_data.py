@@ -12,9 +12,11 @@ from m3jax.data.prepare import prepare
 _CORPUS = flags.DEFINE_string("corpus", "embedded", '"embedded", or comma-separated text/JSONL paths/globs.')
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model path.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output data directory.", required=True)
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per packed row.")
-_HELDOUT_FRACTION = flags.DEFINE_float("heldout_fraction", 0.02, "Fraction of documents held out.")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 4, "ArrayRecord shards per split.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per packed row.", lower_bound=1)
+_HELDOUT_FRACTION = flags.DEFINE_float("heldout_fraction", 0.02, "Fraction of documents held out, in [0, 1).")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 4, "ArrayRecord shards per split.", lower_bound=1)
+flags.register_validator("heldout_fraction", lambda f: 0.0 <= f < 1.0,
+                         message="--heldout_fraction must be in [0, 1): a training split must remain")
 _SEED = flags.DEFINE_integer("seed", 0, "Salt of the document -> split hash.")
 
 

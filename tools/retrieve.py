@@ -32,9 +32,12 @@ _INDEX = flags.DEFINE_string("index", "", "The bank's index directory (default B
 _KNOWLEDGE = flags.DEFINE_string("knowledge", None, "The knowledge base the bank was written from (default: the "
                                  "data's corpus); '' = unknown (no provenance filter).")
 _OUT = flags.DEFINE_string("out", "", "Output directory (default DATA/retrieval-SPLIT).")
-_BLOCK_RECORDS = flags.DEFINE_integer("block_records", 1024, "Records per output block (a new output only).")
-_BATCH_RECORDS = flags.DEFINE_integer("batch_records", 64, "Records whose chunks are embedded and searched at once.")
-_LOG_EVERY = flags.DEFINE_float("log_every_s", 10.0, "Seconds between progress lines.")
+_BLOCK_RECORDS = flags.DEFINE_integer("block_records", 1024, "Records per output block (a new output only).",
+                                      lower_bound=1)
+_BATCH_RECORDS = flags.DEFINE_integer("batch_records", 64, "Records whose chunks are embedded and searched at once.",
+                                      lower_bound=1)
+_LOG_EVERY = flags.DEFINE_float("log_every_s", 10.0, "Seconds between progress lines (0: after every batch).",
+                                lower_bound=0.0)
 
 
 _PROGRESS = cli.progress("retrieve: ")
@@ -73,16 +76,19 @@ def main(argv):
         index_dir = _INDEX.value or build.default_index_dir(_BANK.value)
         mesh = parallel.make_mesh(config.mesh, jax.local_devices())
         embedder = Embedder.from_config(r, mesh)
-        index = Index.load(index_dir, expect_embedder=embedder.identity)
+        index = Index.load(index_dir, expect_embedder=embedder.identity, expect_bank=build.bank_binding(bank))
         if index.num_vectors != bank.num_refs:
             raise ValueError(f"index {index_dir} holds {index.num_vectors:,} vectors, the bank {bank.num_refs:,} "
                              "references: rebuild it with tools/build_index.py")
         knowledge = meta["corpus"] if _KNOWLEDGE.value is None else _KNOWLEDGE.value
         provenance = None
+        record = writer.read_record(_BANK.value)
+        if record is None:
+            raise ValueError(f"the bank {_BANK.value} has no writer record ({writer.RECORD_KEY}): write it with "
+                             "tools/write_memory.py")
         if knowledge:
             refs = knowledge_lib.load_references(knowledge, tokenizer, bank.metadata["ref_len"])
-            record = writer.read_record(_BANK.value)
-            if record is None or record["references_sha256"] != refs.sha256():
+            if record["references_sha256"] != refs.sha256():
                 raise ValueError(f"the bank {_BANK.value} was not written from knowledge base {knowledge!r}; give "
                                  "--knowledge=<its knowledge base>, or --knowledge='' to retrieve without provenance")
             provenance = Provenance.of(refs)
@@ -92,7 +98,8 @@ def main(argv):
             "data": os.path.abspath(_DATA.value), "split": _SPLIT.value,
             "num_records": meta["splits"][_SPLIT.value]["num_records"], "seq_len": meta["seq_len"],
             "tokenizer_sha256": meta["tokenizer_sha256"], "bank": bank.path, "num_refs": bank.num_refs,
-            "bank_checkpoint": bank.metadata["checkpoint"], "embedder": embedder.identity, "index": index.settings,
+            "bank_checkpoint": bank.metadata["checkpoint"], "references_sha256": record["references_sha256"],
+            "embedder": embedder.identity, "index": index.settings,
             "provenance": provenance is not None, "block_records": _BLOCK_RECORDS.value,
             "chunk_size": settings.chunk_size, "num_groups": settings.num_groups,
             "refs_per_chunk": settings.refs_per_chunk, "candidates": settings.candidates,

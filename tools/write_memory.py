@@ -39,13 +39,16 @@ _BANK = flags.DEFINE_string("bank", None, "The memory bank: a directory or a Ten
 _PER_DOCUMENT = flags.DEFINE_bool("per_document", False, "Encode whole documents (in windows of --doc_window "
                                   "tokens) and cut their key/values into references (Remark 3).")
 _DOC_WINDOW = flags.DEFINE_integer("doc_window", 0, "--per_document: tokens per forward of a document, a "
-                                   "multiple of memory.ref_len; 0 = config.data.seq_len rounded down to one.")
+                                   "multiple of memory.ref_len; 0 = config.data.seq_len rounded down to one.",
+                                   lower_bound=0)
 _CODEC = flags.DEFINE_enum("codec", "bf16", ["bf16", "int8"], "How memories are stored.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "References per forward (per process).")
-_REFS_PER_SHARD = flags.DEFINE_integer("refs_per_shard", 64, "References per bank shard (file); a new bank only.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "References per forward (per process).", lower_bound=1)
+_REFS_PER_SHARD = flags.DEFINE_integer("refs_per_shard", 64, "References per bank shard (file); a new bank only.",
+                                       lower_bound=1)
 _ALLOW_OTHER = flags.DEFINE_bool("allow_other_checkpoint", False, "Accept an existing complete bank written by "
                                  "another checkpoint as it is (nothing is written).")
-_LOG_EVERY = flags.DEFINE_float("log_every_s", 10.0, "Seconds between progress lines.")
+_LOG_EVERY = flags.DEFINE_float("log_every_s", 10.0, "Seconds between progress lines (0: after every batch).",
+                                lower_bound=0.0)
 
 
 _PROGRESS = cli.progress("write_memory: ")
@@ -83,6 +86,7 @@ def main(argv):
         writer.units_per_batch(_BATCH_SIZE.value, window_refs, writer.batch_shards(mesh, rules))
 
         loaded = load_model(_CHECKPOINT.value, config, mesh=mesh)  # vocab_size -1: the checkpoint's
+        loaded.check_tokenizer(tokenizer.sha256, _TOKENIZER.value)
         if config.model.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the vocabulary "
                              f"({tokenizer.vocab_size}) of {_TOKENIZER.value}")

@@ -9,6 +9,12 @@ Record format (version 1): every record of a split has the same fields, each an 
 A record is an 8-byte header, b"M3R1" then the CRC32 (little-endian uint32) of the field spec
 "name:d0xd1,...", followed by the arrays' little-endian int32 bytes in field order. Decoding checks the size,
 magic and CRC, so a file written with other fields or shapes fails loudly instead of being misread.
+
+Integrity. The bytes of a record are checked by the container: ArrayRecord writes Riegeli chunks, and with one
+record per group each record is its own chunk, whose header and data carry 64-bit HighwayHash checksums that every
+read verifies (a flipped byte anywhere in a shard reads as an error or, in padding, not at all; tests/
+test_integrity.py flips them). Riegeli's error does not say which file; `split_source` names the shard, and the
+record, in a `DataShardError`. A damaged metadata.json is an error naming it.
 """
 
 from __future__ import annotations
@@ -36,6 +42,15 @@ _REQUIRED_METADATA = (
     "format_version", "seq_len", "vocab_size", "bos_id", "eos_id", "pad_id",
     "tokenizer_path", "tokenizer_sha256", "fields", "splits",
 )  # fmt: skip
+
+
+class DataShardError(ValueError):
+    """A shard of a data directory cannot be read (damaged or truncated); the message names the file."""
+
+
+def _damaged(path: str, error: Exception, where: str = "") -> DataShardError:
+    return DataShardError(f"data shard {path} is damaged{where}: {error}; prepare the data again "
+                          "(tools/prepare_data.py)")
 
 
 class RecordCodec:
@@ -152,8 +167,10 @@ def read_metadata(data_dir: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path} is missing: {data_dir} is not a prepared data directory") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (damaged?): {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a JSON object (damaged?)")
     missing = [key for key in _REQUIRED_METADATA if key not in meta]
     if missing:
         raise ValueError(f"{path} lacks {missing}")
@@ -181,13 +198,41 @@ class SplitDecoder:
         return self.codec.decode(raw, source=f"{self._shard_paths[shard]} (split record {index})")
 
 
+class ShardSource(grain.sources.ArrayRecordDataSource):
+    """grain's ArrayRecordDataSource over a split's shards, whose read errors name the shard file and record."""
+
+    def __init__(self, paths: list[str], lengths: list[int]):
+        super().__init__(paths)
+        self._shard_paths = list(paths)
+        self._shard_ends = np.cumsum(lengths).tolist()
+
+    def _error(self, key: int, error: Exception) -> DataShardError:
+        key = int(key)
+        shard = bisect.bisect_right(self._shard_ends, key)
+        position = key - (self._shard_ends[shard - 1] if shard else 0)
+        return _damaged(self._shard_paths[shard], error, f" (its record {position}, split record {key})")
+
+    def __getitem__(self, record_key):
+        try:
+            return super().__getitem__(record_key)
+        except (RuntimeError, OSError) as e:  # riegeli: "Corrupted Riegeli/records file: ... hash mismatch"
+            raise self._error(record_key, e) from e
+
+    def __getitems__(self, record_keys):
+        try:
+            return super().__getitems__(record_keys)
+        except (RuntimeError, OSError):
+            return [self[key] for key in record_keys]  # one by one: the first damaged record is named
+
+
 def split_source(
     data_dir: str | os.PathLike, split: str
 ) -> tuple[grain.sources.ArrayRecordDataSource, SplitDecoder]:
     """A random-access source over a split's shards, in shard order, and the decoder of its raw records.
 
-    Checks that every shard exists, holds the number of records metadata.json promises, and starts with a
-    record of the declared fields.
+    Checks that every shard exists, can be opened, holds the number of records metadata.json promises, and starts
+    with a record of the declared fields. A record that cannot be read later (damaged bytes fail Riegeli's
+    checksums) is a `DataShardError` naming its shard.
     """
     meta = read_metadata(data_dir)
     splits = meta["splits"]
@@ -203,14 +248,18 @@ def split_source(
     codec = RecordCodec(meta["fields"])
     lengths = []
     for path in paths:
-        reader = array_record_module.ArrayRecordReader(path)
-        lengths.append(reader.num_records())
-        if lengths[-1]:
-            codec.decode(reader.read([0])[0], source=path)
-        reader.close()
+        try:
+            reader = array_record_module.ArrayRecordReader(path)
+            lengths.append(reader.num_records())
+            first = reader.read([0])[0] if lengths[-1] else None
+            reader.close()
+        except (RuntimeError, OSError) as e:
+            raise _damaged(path, e) from e
+        if first is not None:
+            codec.decode(first, source=path)
     if sum(lengths) != info["num_records"]:
         raise ValueError(
             f"split {split!r} of {data_dir}: its shards hold {sum(lengths)} records, metadata.json says "
             f"{info['num_records']}"
         )
-    return grain.sources.ArrayRecordDataSource(paths), SplitDecoder(codec, paths, lengths)
+    return ShardSource(paths, lengths), SplitDecoder(codec, paths, lengths)

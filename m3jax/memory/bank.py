@@ -9,6 +9,8 @@ The bank lives under one root: a local path, or any TensorStore kvstore URL or s
     positions/   [refs, mem_layers, kv_heads, k] int32         in-reference positions of the kept tokens,
                                                                in [p, p + ref_len); -1 = padding key
     tokens/      [refs, ref_len] int32                         the reference's token ids; -1 = padding
+    token_digest/ [refs] uint64                                the first 8 bytes (little-endian) of the sha256 of
+                                                               the row's stored tokens (ref_len int32, -1 padded)
     written/     [refs] uint8                                  1 once the row's other arrays are durably written
 
 Chunking. Every per-reference array is cut into *shards* of `refs_per_shard` references (one file or object
@@ -21,20 +23,34 @@ of a shard; two processes interleaving rows of the same shards lost none here, o
 whole shard rewrites that shard: write in shard-sized pieces.
 Nothing is compressed: KV values hardly compress, and sizes stay exactly predictable (`bytes_per_reference`).
 
+Integrity (format 2). Every stored chunk ends with its crc32c (zarr's `crc32c` codec: each reference's chunk
+inside a shard, each shard's index, each chunk of `written` and `token_digest`), and every array but `written` is
+opened with `fill_missing_data_reads` off, so a flipped byte, a truncated shard or a missing chunk of a written
+row is an error on read (TensorStore checks the crc32c as it decodes; hardware crc32c, see
+tools/bench/bank_gather.py for its cost), never data. Such an error is a `BankCorruptionError` naming the bank,
+the array, the reference ids and the file. Rows in the RAM cache were verified when they were read.
+`verify(start, stop)` reads every written row of a range and returns the damaged ones; the writer runs it when it
+resumes, and writes them again (`m3jax/memory/writer.py`). A `written` chunk that cannot be read leaves its rows
+unwritten (`unwritten_ranges`, logged). `token_digest` is what a row's text is, cheaply: the index of the bank
+(m3jax/retrieval/build.py) records the digests it embedded, so a rewritten row is embedded again. A bank of
+format 1 (no checksums) is refused on open with a message to write it again.
+
 Resume. `written` is chunked per shard too. A write stores the row's arrays, waits for them to be durable, then
 sets their flags, so a row whose flag is 1 is complete; `unwritten_ranges()` lists what a restarted writer
 still has to do, and reading a row whose flag is 0 is an error naming it.
 
 Metadata (JSON in the group attributes): the architecture (the model config fields that determine the stored
 key/values, `architecture()`) and its hash, the tokenizer's sha256, the writing checkpoint {run_id, step}, the
-codec, k, ref_len, the sink tokens, num_refs, the shard size, the creation time and the m3jax version. Opening
+codec, k, ref_len, the sink tokens, num_refs, the shard size, whether chunks carry checksums (always, but for
+measuring their cost), the creation time and the m3jax version. Opening
 with another architecture, tokenizer or sink is a `BankMismatchError`; another checkpoint is one too unless
 allowed (stage 2 reads a bank written by the warm-up checkpoint), and then the age in steps is logged.
 
 Reading. `gather(ids)` returns the decoded memories of any array of ids (repeats allowed; -1 = an empty slot:
 zeros with positions -1), in the requested order. Recently used rows stay in a RAM LRU cache of `cache_rows`
 rows (in the stored form); only the missing rows are read, in one batched read per array. The cache assumes a
-written row does not change (a rewrite through the same object drops it from the cache).
+written row does not change (a rewrite through the same object drops it from the cache). A row that is not
+written, or whose stored bytes fail their checksum, is an error naming it.
 """
 
 from __future__ import annotations
@@ -47,6 +63,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -61,16 +78,23 @@ from etils import epath
 from m3jax.memory.codecs import Codec, get_codec, numpy_dtype
 from m3jax.model.config import ModelConfig
 
-FORMAT = 1
+FORMAT = 2  # 2: crc32c on every chunk, token_digest, missing chunks of written rows are errors
 METADATA_KEY = "m3jax_bank"
 DEFAULT_REFS_PER_SHARD = 64
 # Metadata fields that say what a bank holds; two banks agreeing on them are the same bank (resume checks them).
 IDENTITY_FIELDS = ("format", "num_refs", "codec", "k", "ref_len", "refs_per_shard", "architecture",
-                   "architecture_hash", "tokenizer_sha256", "checkpoint", "sink_tokens")
+                   "architecture_hash", "tokenizer_sha256", "checkpoint", "sink_tokens", "checksums")
+# TensorStore status codes of a read that found damaged or missing stored bytes (not a transient failure).
+_DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE", "INVALID_ARGUMENT")
 
 
 class BankMismatchError(ValueError):
     """The bank was written by another model, tokenizer or checkpoint than the reader expects."""
+
+
+class BankCorruptionError(ValueError):
+    """Stored bytes of the bank are damaged or missing: the message names the bank, the array, the references and
+    the file."""
 
 
 # ------------------------------------------------------------------------------------------------ identity
@@ -102,16 +126,27 @@ def _row_arrays(codec: Codec, arch: Mapping[str, Any]) -> dict[str, tuple[tuple[
     """Every per-reference array of a bank: name -> (per-row shape, zarr data type)."""
     shape = row_shape(arch)
     return {**codec.arrays(shape), "positions": ((shape[0], shape[2], shape[3]), "int32"),
-            "tokens": ((arch["ref_len"],), "int32"), "written": ((), "uint8")}
+            "tokens": ((arch["ref_len"],), "int32"), "token_digest": ((), "uint64"), "written": ((), "uint8")}
 
 
-def bytes_per_reference(codec: str | Codec, arch: Mapping[str, Any]) -> dict[str, int]:
-    """Stored bytes of one reference: per array, and "shard_index" (16 bytes per row of each sharded array)."""
+def bytes_per_reference(codec: str | Codec, arch: Mapping[str, Any], *, checksums: bool = True) -> dict[str, int]:
+    """Stored bytes of one reference: per array, "shard_index" (16 bytes per row of each sharded array) and
+    "checksums" (the 4-byte crc32c of each row's chunk in each sharded array). Per shard, not counted here: a
+    4-byte crc32c of each shard index and of each `written` and `token_digest` chunk."""
     codec = get_codec(codec) if isinstance(codec, str) else codec
     arrays = _row_arrays(codec, arch)
     out = {name: math.prod(shape) * numpy_dtype(dt).itemsize for name, (shape, dt) in arrays.items()}
-    out["shard_index"] = 16 * sum(1 for shape, _ in arrays.values() if shape)
+    sharded = sum(1 for shape, _ in arrays.values() if shape)
+    out["shard_index"] = 16 * sharded
+    out["checksums"] = 4 * sharded if checksums else 0
     return out
+
+
+def token_digests(tokens: np.ndarray) -> np.ndarray:
+    """`token_digest` of rows of stored tokens [n, ref_len] int32 (-1 padded): [n] uint64, the first 8 bytes
+    (little-endian) of each row's sha256 over its little-endian int32 bytes."""
+    rows = np.ascontiguousarray(tokens, "<i4")
+    return np.array([int.from_bytes(hashlib.sha256(r.tobytes()).digest()[:8], "little") for r in rows], np.uint64)
 
 
 # ------------------------------------------------------------------------------------------------ storage
@@ -149,20 +184,45 @@ def _describe(root: ts.KvStore.Spec) -> str:
 
 
 _BYTES = [{"name": "bytes", "configuration": {"endian": "little"}}]
+_CRC = [{"name": "crc32c"}]
 _FILL = {"positions": -1, "tokens": -1}
 
 
+def _open_spec(root: ts.KvStore.Spec, name: str) -> dict:
+    """Opening array `name`: a missing chunk reads as its fill value only in `written` (a row not written yet);
+    anywhere else it is an error (a gather reads written rows only)."""
+    return {"driver": "zarr3", "kvstore": (root / f"{name}/").to_json(), "fill_missing_data_reads": name == "written"}
+
+
 def _array_spec(root: ts.KvStore.Spec, name: str, num_refs: int, shape: tuple[int, ...], dtype: str,
-                refs_per_shard: int) -> dict:
+                refs_per_shard: int, checksums: bool) -> dict:
+    crc = _CRC if checksums else []
     if shape:  # a shard of refs_per_shard rows, one chunk per row
         codecs = [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": [1, *shape], "codecs": _BYTES, "index_codecs": _BYTES + [{"name": "crc32c"}],
+            "chunk_shape": [1, *shape], "codecs": _BYTES + crc, "index_codecs": _BYTES + _CRC,
             "index_location": "end"}}]
     else:
-        codecs = _BYTES
+        codecs = _BYTES + crc
     metadata = {"shape": [num_refs, *shape], "data_type": dtype, "codecs": codecs, "fill_value": _FILL.get(name, 0),
                 "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [refs_per_shard, *shape]}}}
-    return {"driver": "zarr3", "kvstore": (root / f"{name}/").to_json(), "metadata": metadata}
+    return {**_open_spec(root, name), "metadata": metadata}
+
+
+def _status(error: Exception) -> str:
+    """The TensorStore status code of an error ("DATA_LOSS", ...); "" when it has none."""
+    found = re.match(r"([A-Z_]+): ", str(error))
+    return found.group(1) if found else ""
+
+
+def _clean(error: Exception) -> str:
+    """A TensorStore error's message without the spec it appends."""
+    return str(error).split(" [tensorstore_spec=")[0]
+
+
+def _ids_text(ids: Sequence[int], limit: int = 8) -> str:
+    ids = [int(i) for i in ids]
+    shown = ", ".join(map(str, ids[:limit])) + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
+    return f"reference{'s' if len(ids) > 1 else ''} {shown}"
 
 
 def _identity(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -273,13 +333,14 @@ class MemoryBank:
     def create(cls, path, *, num_refs: int, architecture: Mapping[str, Any], tokenizer_sha256: str,
                checkpoint: Mapping[str, Any], sink_tokens: Sequence[int], codec: str = "bf16",
                refs_per_shard: int = DEFAULT_REFS_PER_SHARD, exist_ok: bool = False, cache_rows: int = 0,
-               context: ts.Context | None = None) -> MemoryBank:
+               checksums: bool = True, context: ts.Context | None = None) -> MemoryBank:
         """A new bank of `num_refs` unwritten rows, shaped by `architecture` (from `architecture()`).
 
         checkpoint: {"run_id": str, "step": int}, the parameters that write it. With `exist_ok`, an existing
         bank with the same identity (every field but the creation time and version) is opened instead: a
         restarted writer resumes, and every process of a multi-process writer may call this at once. An existing
-        bank that differs is a BankMismatchError.
+        bank that differs is a BankMismatchError. `checksums=False` stores chunks without their crc32c, so
+        damaged bytes go undetected: only for measuring what the checksums cost (tools/bench/bank_gather.py).
         """
         codec_ = get_codec(codec)
         if num_refs <= 0 or refs_per_shard <= 0:
@@ -292,7 +353,7 @@ class MemoryBank:
             "architecture": dict(architecture), "architecture_hash": _hash_architecture(architecture),
             "tokenizer_sha256": str(tokenizer_sha256),
             "checkpoint": {"run_id": str(checkpoint["run_id"]), "step": int(checkpoint["step"])},
-            "sink_tokens": [int(t) for t in sink_tokens],
+            "sink_tokens": [int(t) for t in sink_tokens], "checksums": bool(checksums),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "m3jax_version": _version(),
         }
@@ -304,7 +365,7 @@ class MemoryBank:
             if not exist_ok:
                 raise FileExistsError(f"a memory bank exists at {_describe(root)} (exist_ok=True resumes it)")
             return cls._reopen_same(root, meta, context, cache_rows)
-        specs = {name: _array_spec(root, name, num_refs, shape, dtype, refs_per_shard)
+        specs = {name: _array_spec(root, name, num_refs, shape, dtype, refs_per_shard, checksums)
                  for name, (shape, dtype) in _row_arrays(codec_, architecture).items()}
         futures = {name: ts.open(spec, create=True, open=True, context=context) for name, spec in specs.items()}
         arrays = {name: f.result() for name, f in futures.items()}
@@ -326,23 +387,41 @@ class MemoryBank:
 
     @classmethod
     def read_metadata(cls, path, *, context: ts.Context | None = None) -> dict[str, Any]:
-        """The bank's metadata, checking nothing (for tools that inspect banks)."""
+        """The bank's metadata, checking only that it is readable and of this code's format (for tools that
+        inspect banks). A damaged zarr.json is an error naming it; a bank of another format, one saying so."""
         root = _root(path)
         found = ts.KvStore.open(root, context=context or _default_context()).result().read("zarr.json").result()
         if found.state != "value":
             raise FileNotFoundError(f"no memory bank at {_describe(root)} (no zarr.json)")
-        meta = json.loads(found.value).get("attributes", {}).get(METADATA_KEY)
-        if meta is None or meta.get("format") != FORMAT:
-            raise ValueError(f"{_describe(root)} is not an m3jax memory bank of format {FORMAT}")
+        try:
+            group = json.loads(found.value.decode())
+            meta = group.get("attributes", {}).get(METADATA_KEY) if isinstance(group, dict) else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BankCorruptionError(f"memory bank {_describe(root)}: its metadata file zarr.json is damaged ({e})"
+                                      ) from e
+        if not isinstance(meta, dict):
+            raise ValueError(f"{_describe(root)} is not an m3jax memory bank (zarr.json has no {METADATA_KEY!r})")
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"memory bank {_describe(root)} is of format {meta.get('format')!r}; this code reads "
+                             f"format {FORMAT} (every stored chunk with its checksum, and token digests): write it "
+                             "again with tools/write_memory.py into a new --bank")
         return meta
 
     @classmethod
     def _open(cls, root, context, cache_rows) -> MemoryBank:
         meta = cls.read_metadata(root, context=context)
         names = _row_arrays(get_codec(meta["codec"]), meta["architecture"])
-        futures = {name: ts.open({"driver": "zarr3", "kvstore": (root / f"{name}/").to_json()}, open=True,
-                                 context=context) for name in names}
-        return cls(root, meta, {name: f.result() for name, f in futures.items()}, cache_rows)
+        futures = {name: ts.open(_open_spec(root, name), open=True, context=context) for name in names}
+        arrays = {}
+        for name, future in futures.items():
+            try:
+                arrays[name] = future.result()
+            except ValueError as e:  # a missing or damaged array metadata file (NAME/zarr.json)
+                raise BankCorruptionError(f"memory bank {_describe(root)}: array {name!r} cannot be opened "
+                                          f"({_clean(e)})") from e
+        if not meta.get("checksums"):
+            logging.warning("memory bank %s stores no checksums: damaged rows are not detected", _describe(root))
+        return cls(root, meta, arrays, cache_rows)
 
     @classmethod
     def open(cls, path, *, expect_architecture: Mapping[str, Any], expect_tokenizer: str,
@@ -433,6 +512,7 @@ class MemoryBank:
         rows["positions"] = np.asarray(positions, np.int32)
         rows["tokens"] = np.pad(tokens.astype(np.int32), ((0, 0), (0, ref_len - tokens.shape[1])),
                                 constant_values=-1)
+        rows["token_digest"] = token_digests(rows["tokens"])
         self._cache.drop(start, stop)
         futures = [self._arrays[name][start:stop].write(x) for name, x in rows.items()]
         for f in futures:
@@ -440,13 +520,102 @@ class MemoryBank:
         self._arrays["written"][start:stop].write(np.ones(n, np.uint8)).result()
 
     def unwritten_ranges(self, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
-        """The maximal [a, b) runs of unwritten refs within [start, stop) (default: the whole bank)."""
+        """The maximal [a, b) runs of unwritten refs within [start, stop) (default: the whole bank). The rows of a
+        `written` chunk that cannot be read (damaged) count as unwritten, with a warning naming them."""
         stop = self.num_refs if stop is None else stop
-        flags = self._arrays["written"][start:stop].read().result() != 0
+        flags = self._written(start, stop)
         edges = np.flatnonzero(np.diff(np.concatenate([[True], flags, [True]]).astype(np.int8)))
         return [(start + int(a), start + int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
+    def _written(self, start: int, stop: int) -> np.ndarray:
+        """The flags of rows [start, stop) as bools; a `written` chunk that cannot be read reads as unwritten."""
+        written = self._arrays["written"]
+        try:
+            return written[start:stop].read().result() != 0
+        except ValueError as e:
+            if _status(e) not in _DAMAGE_CODES:
+                raise
+        flags = np.zeros(stop - start, bool)
+        shard = self.refs_per_shard
+        for a in range(start - start % shard, stop, shard):
+            lo, hi = max(a, start), min(a + shard, stop)
+            try:
+                flags[lo - start:hi - start] = written[lo:hi].read().result() != 0
+            except ValueError as e:
+                if _status(e) not in _DAMAGE_CODES:
+                    raise
+                logging.warning("memory bank %s: the written flags of references [%d, %d) are damaged (%s): they "
+                                "count as unwritten", self.path, lo, hi, _clean(e))
+        return flags
+
+    def verify(self, start: int = 0, stop: int | None = None, *, shards_per_read: int = 4) -> np.ndarray:
+        """The written rows of [start, stop) whose stored bytes are damaged or missing: sorted int64 ids.
+
+        Reads every array of every written row (TensorStore checks each chunk's crc32c), `shards_per_read` shards
+        at a time; the cost of reading those rows once. A resumed writer runs it on its slice and writes the rows
+        it returns again. Rows under a damaged `written` chunk count as unwritten (`unwritten_ranges`), not here.
+        """
+        stop = self.num_refs if stop is None else stop
+        if not 0 <= start <= stop <= self.num_refs:
+            raise IndexError(f"memory bank {self.path}: verify of refs [{start}, {stop}) outside [0, {self.num_refs})")
+        flags = self._written(start, stop)
+        names = [name for name in self._arrays if name != "written"]
+        step = self.refs_per_shard * max(1, shards_per_read)
+        damaged: list[int] = []
+        for a in range(start - start % step, stop, step):
+            rows = np.flatnonzero(flags[max(a, start) - start:min(a + step, stop) - start]) + max(a, start)
+            if not rows.size:
+                continue
+            futures = {name: self._arrays[name][rows].read() for name in names}
+            for name, future in futures.items():
+                try:
+                    future.result()
+                except ValueError as e:
+                    if _status(e) not in _DAMAGE_CODES:
+                        raise
+                    damaged += self._failing_rows(name, rows)[0]
+        return np.unique(np.asarray(damaged, np.int64))
+
     # ---------------------------------------------------------------- reading
+    def _failing_rows(self, name: str, ids: np.ndarray) -> tuple[list[int], Exception | None]:
+        """Which of rows `ids` of array `name` fail to read, and the first error: row by row in a sharded array,
+        one row per chunk (of a shard's rows) in `written` and `token_digest`."""
+        ids = np.unique(ids)
+        per_chunk = not self._arrays[name].shape[1:]
+        chunk = ids // self.refs_per_shard
+        probe = ids[np.concatenate([[True], chunk[1:] != chunk[:-1]])] if per_chunk else ids
+        futures = [(int(i), self._arrays[name][int(i)].read()) for i in probe]
+        bad, first = [], None
+        for i, future in futures:
+            try:
+                future.result()
+            except ValueError as e:
+                bad.append(i)
+                first = first or e
+        if per_chunk:
+            bad = ids[np.isin(chunk, np.asarray(bad, np.int64) // self.refs_per_shard)].tolist()
+        return bad, first
+
+    def _results(self, futures: Mapping[str, Any], ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The results of reads of rows `ids` (a future per array). A read that fails on damaged or missing bytes
+        is a BankCorruptionError naming the bank, the array, the rows at fault (read again one by one) and the
+        file; another failure is an error naming the bank, the array and the rows."""
+        out = {}
+        for name, future in futures.items():
+            try:
+                out[name] = future.result()
+            except ValueError as e:
+                if _status(e) not in _DAMAGE_CODES:
+                    raise ValueError(f"memory bank {self.path}: reading array {name!r} of {_ids_text(np.unique(ids))} "
+                                     f"failed: {_clean(e)}") from e
+                bad, first = self._failing_rows(name, ids)
+                bad, first = (bad, first) if bad else (np.unique(ids).tolist(), e)
+                raise BankCorruptionError(
+                    f"memory bank {self.path}: array {name!r}, {_ids_text(bad)}: the stored bytes are damaged or "
+                    f"missing ({_clean(first)}); tools/write_memory.py rerun with the bank's arguments writes "
+                    "damaged rows again") from e
+        return out
+
     def _check_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
         if not np.issubdtype(ids.dtype, np.integer):
@@ -472,12 +641,13 @@ class MemoryBank:
         miss = self._cache.take(uniq, out, first)
         missing = uniq[miss]
         if missing.size:
+            flags = self._arrays["written"][missing].read()
             futures = {name: self._arrays[name][missing].read() for name in self._gathered}
-            written = self._arrays["written"][missing].read().result()
+            written = self._results({"written": flags}, missing)["written"]
             if not written.all():
                 raise ValueError(f"memory bank {self.path}: reference {int(missing[np.argmin(written)])} is not "
                                  f"written ({int((written == 0).sum())} of the {missing.size} rows read are not)")
-            fetched = {name: f.result() for name, f in futures.items()}
+            fetched = self._results(futures, missing)
             for name, x in fetched.items():
                 out[name][first[miss]] = x
             self._cache.put(missing, fetched)
@@ -504,14 +674,28 @@ class MemoryBank:
     def read_tokens(self, ids) -> np.ndarray:
         """The token ids of references `ids` (any shape): [*ids.shape, ref_len] int32, -1 padded.
 
-        -1 ids and unwritten rows read as all -1.
+        -1 ids and unwritten rows read as all -1; damaged rows are a BankCorruptionError.
         """
         ids = self._check_ids(ids)
         flat = ids.reshape(-1)
         out = np.full((flat.size, self.metadata["ref_len"]), -1, np.int32)
-        if (flat >= 0).any():
-            out[flat >= 0] = self._arrays["tokens"][flat[flat >= 0]].read().result()
+        want = np.flatnonzero(flat >= 0)
+        if want.size:
+            written = self._results({"written": self._arrays["written"][flat[want]].read()}, flat[want])["written"]
+            rows = want[written != 0]
+            if rows.size:
+                out[rows] = self._results({"tokens": self._arrays["tokens"][flat[rows]].read()}, flat[rows])["tokens"]
         return out.reshape(*ids.shape, -1)
+
+    def read_token_digests(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """`token_digest` of rows [start, stop): [n] uint64 (see `token_digests`). Every row must be written."""
+        stop = self.num_refs if stop is None else stop
+        unwritten = sum(b - a for a, b in self.unwritten_ranges(start, stop))
+        if unwritten:
+            raise ValueError(f"memory bank {self.path}: {unwritten:,} of the references [{start:,}, {stop:,}) are "
+                             "unwritten")
+        digests = self._arrays["token_digest"]
+        return self._results({"token_digest": digests[start:stop].read()}, np.arange(start, stop))["token_digest"]
 
     def cache_info(self) -> dict[str, int]:
         """LRU counters: a hit or miss is counted per distinct id of a gather."""

@@ -22,7 +22,8 @@ window across a slice boundary is encoded by both processes, each writing its ow
 Resume. Rows are written in runs that end at shard boundaries (a shard is written whole when its rows are all
 to be written), from one background thread while the next batches encode; `MemoryBank.write` sets a row's flag
 once its data is durable. A restarted writer encodes only the units that hold references of
-`unwritten_ranges()` in its slice.
+`unwritten_ranges()` in its slice, and of written rows there whose stored bytes fail their checksums
+(`MemoryBank.verify`, which reads the slice's written rows once).
 
 The writer record. `writer.json` at the bank's root records what the bank's metadata does not: the encoding
 (references or windows of W), the compute dtype, and a sha256 of the references (their tokens, lengths and
@@ -231,6 +232,7 @@ def write_references(bank: MemoryBank, params, cfg: ModelConfig, refs: Reference
     per_batch = units_per_batch(batch_size, window_refs, batch_shards(mesh, rules))
     lo, hi = bank.process_range(process_index, process_count)
     todo = np.zeros(len(refs), bool)
+    todo[bank.verify(lo, hi)] = True  # written rows whose stored bytes are damaged: written again
     for a, b in bank.unwritten_ranges(lo, hi):
         todo[a:b] = True
     total = int(todo.sum())

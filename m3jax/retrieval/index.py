@@ -13,13 +13,15 @@ index is a maximum-inner-product search. Two kinds (`retrieval.index` in the con
 On disk (a local directory, by default `BANK/index`, `INDEX_DIR`):
 
     index.json   format version, resolved settings, n, dim, the embedder's identity, the sha256 of the vectors
-                 the index was built from, and the size and sha256 of every ScaNN file (checked on load, so a
+                 the index was built from, the bank it embedded (`bank`: m3jax.retrieval.build.bank_binding, or
+                 null for vectors of no bank), and the size and sha256 of every ScaNN file (checked on load, so a
                  damaged file is an error rather than silently wrong neighbours)
     scann_*, *.npy, *.pb   ScaNN's own assets, saved with relative paths (the directory can be moved)
 
 A save writes into a hidden temporary directory beside the target and renames it into place, so a crash never
 leaves a directory that loads as a half index. Opening the index with another embedder than the one that built
-it is an `IndexMismatchError`: its neighbours would be meaningless.
+it is an `IndexMismatchError`: its neighbours would be meaningless; so is opening it for a bank whose texts
+differ from those it embedded (`expect_bank`), or with a damaged index.json.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ INDEX_KINDS = ("auto", "brute_force", "tree_ah")
 
 
 class IndexMismatchError(ValueError):
-    """The index was built from another embedder's vectors than the reader's."""
+    """The index was built from another embedder's vectors, or another bank's texts, than the reader's."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,19 +201,23 @@ def synthetic_embeddings(rng: np.random.Generator, n: int, num_queries: int,
 class Index:
     """A ScaNN searcher over n unit vectors, with what built it.
 
-    Attributes: num_vectors, dim, settings (resolved, with max_k), embedder (the identity dict), vectors_sha256.
+    Attributes: num_vectors, dim, settings (resolved, with max_k), embedder (the identity dict), vectors_sha256,
+    bank (what the vectors embedded: `m3jax.retrieval.build.bank_binding`, or None).
     """
 
     def __init__(self, searcher: scann_ops_pybind.ScannSearcher, *, num_vectors: int, dim: int,
-                 settings: Mapping[str, Any], embedder: Mapping, vectors_sha256: str):
+                 settings: Mapping[str, Any], embedder: Mapping, vectors_sha256: str, bank: Mapping | None = None):
         self._searcher = searcher
         self.num_vectors, self.dim = num_vectors, dim
         self.settings, self.embedder = dict(settings), _json_ready(embedder)
         self.vectors_sha256 = vectors_sha256
+        self.bank = None if bank is None else _json_ready(bank)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, settings: IndexSettings, *, embedder: Mapping, max_k: int = 64) -> Index:
-        """Index vectors [n, d] (float32, unit norm; row i gets id i) for searches of up to `max_k` neighbours."""
+    def build(cls, vectors: np.ndarray, settings: IndexSettings, *, embedder: Mapping, max_k: int = 64,
+              bank: Mapping | None = None) -> Index:
+        """Index vectors [n, d] (float32, unit norm; row i gets id i) for searches of up to `max_k` neighbours.
+        `bank`: what the vectors embedded (`bank_binding`), recorded for `load(expect_bank=...)`."""
         vectors = _check_vectors(vectors)
         n, dim = vectors.shape
         if embedder.get("dim", dim) != dim:
@@ -232,7 +238,7 @@ class Index:
                                  anisotropic_quantization_threshold=_AH_ANISOTROPIC_THRESHOLD)
                        .reorder(max(resolved["reorder"], max_k)))
         return cls(builder.build(), num_vectors=n, dim=dim, settings=resolved, embedder=embedder,
-                   vectors_sha256=hashlib.sha256(vectors.data).hexdigest())
+                   vectors_sha256=hashlib.sha256(vectors.data).hexdigest(), bank=bank)
 
     def search(self, queries: np.ndarray, k: int, *, leaves_to_search: int | None = None,
                reorder: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -285,7 +291,7 @@ class Index:
             files = {f: _file_digest(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
             meta = {"format": _FORMAT_NAME, "version": FORMAT, "num_vectors": self.num_vectors, "dim": self.dim,
                     "settings": self.settings, "embedder": self.embedder, "vectors_sha256": self.vectors_sha256,
-                    "files": files}
+                    "bank": self.bank, "files": files}
             with open(os.path.join(tmp, INDEX_JSON), "w") as f:
                 json.dump(meta, f, indent=2, sort_keys=True)
             for f in (*files, INDEX_JSON):
@@ -303,9 +309,11 @@ class Index:
             shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, expect_embedder: Mapping | None = None) -> Index:
+    def load(cls, directory: str | os.PathLike, *, expect_embedder: Mapping | None = None,
+             expect_bank: Mapping | None = None) -> Index:
         """Open a saved index. With `expect_embedder`, an index built by another embedder is an
-        `IndexMismatchError` naming the fields that differ."""
+        `IndexMismatchError` naming the fields that differ; with `expect_bank` (`bank_binding` of the bank it is
+        used with), so is an index that embedded other texts (or recorded no bank)."""
         directory = os.fspath(directory)
         meta_path = os.path.join(directory, INDEX_JSON)
         if not os.path.isdir(directory):
@@ -320,6 +328,7 @@ class Index:
                                  f"expected {_FORMAT_NAME!r} version {FORMAT}")
             num_vectors, dim, settings = int(meta["num_vectors"]), int(meta["dim"]), dict(meta["settings"])
             embedder, vectors_sha256, files = dict(meta["embedder"]), str(meta["vectors_sha256"]), dict(meta["files"])
+            bank = None if meta.get("bank") is None else dict(meta["bank"])
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
             raise ValueError(f"{meta_path} is not a valid index description: {e}") from e
         if expect_embedder is not None:
@@ -328,6 +337,17 @@ class Index:
                     for key in sorted(embedder.keys() | expected.keys()) if embedder.get(key) != expected.get(key)]
             if diff:
                 raise IndexMismatchError(f"the index at {directory} was built by another embedder: " + "; ".join(diff))
+        if expect_bank is not None:
+            expected = _json_ready(expect_bank)
+            if bank is None:
+                raise IndexMismatchError(f"the index at {directory} records no bank: rebuild it with "
+                                         "tools/build_index.py")
+            diff = [f"{key}: index {bank.get(key)!r}, bank {expected.get(key)!r}"
+                    for key in sorted(bank.keys() | expected.keys()) if bank.get(key) != expected.get(key)]
+            if diff:
+                raise IndexMismatchError(f"the index at {directory} embedded other texts than the bank holds: "
+                                         + "; ".join(diff) + "; rebuild it with tools/build_index.py (it embeds "
+                                         "again only the blocks whose references changed)")
         for name, digest in files.items():
             path = os.path.join(directory, name)
             if not os.path.isfile(path):
@@ -339,4 +359,4 @@ class Index:
         except RuntimeError as e:
             raise ValueError(f"ScaNN could not load the index at {directory}: {e}") from e
         return cls(searcher, num_vectors=num_vectors, dim=dim, settings=settings, embedder=embedder,
-                   vectors_sha256=vectors_sha256)
+                   vectors_sha256=vectors_sha256, bank=bank)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -32,7 +33,13 @@ def main(argv):
         return aot.dry_run(config, _TOPOLOGY.value)
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required to train")
-    summary = loop.train(config, _WORKDIR.value)
+    try:
+        summary = loop.train(config, _WORKDIR.value)
+    except Exception as e:
+        # When, to the microsecond: of the processes of a run that fail, a launcher names the one whose own error
+        # came first, not one that died after it waiting on a collective (launch/local.sh reads this line).
+        print(f"m3jax.train: failed at {time.time():.6f} ({type(e).__name__})", file=sys.stderr, flush=True)
+        raise
     logging.info("summary: %s", json.dumps(summary))
     if summary["preempted_at"] is not None:  # saved on a preemption notice: tell the scheduler work remains
         sys.exit(loop.PREEMPTED_EXIT_CODE)

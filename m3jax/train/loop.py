@@ -20,9 +20,10 @@ from absl import logging
 
 from m3jax import checkpoint as ckpt_lib
 from m3jax import parallel
-from m3jax.config import resolve, validate
+from m3jax.config import ConfigError, differences, resolve, validate
 from m3jax.model import ModelConfig
 from m3jax.model import params as params_lib
+from m3jax.model.config import ARCHITECTURE_FIELDS
 from m3jax.train import flops as flops_lib
 from m3jax.train import hooks as hooks_lib
 from m3jax.train.guard import LossSpikeError, PreemptionWatch, SpikeGuard
@@ -30,6 +31,57 @@ from m3jax.train.metrics import MetricWriter
 from m3jax.train.step import Trainer
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: state saved on a preemption notice; rerun the same command to resume
+
+# What a resumed run must agree on with its checkpoint (flattened config keys, plus the data's identity): what the
+# state means and which data comes next. `train.resume_overrides` names the ones changed on purpose.
+RESUME_KEYS = (
+    *(f"model.{k}" for k in ARCHITECTURE_FIELDS),
+    *(f"memory.{k}" for k in ("heads", "layers", "kv_heads", "k", "ref_len", "chunk_size")),
+    "seed", "data.path", "data.train_split", "data.seq_len", "data.global_batch_size", "data.shuffle_seed",
+    "data.tokenizer_sha256", "data.train_records",
+)
+
+
+def data_identity(meta: dict, config: ml_collections.ConfigDict) -> dict:
+    """What a checkpoint records of its data: the tokenizer that wrote it and the training split's size."""
+    return {"tokenizer_sha256": meta["tokenizer_sha256"],
+            "train_records": int(meta["splits"][config.data.train_split]["num_records"])}
+
+
+def check_resume(saved_config: dict, saved_data: dict | None, config_json: dict, data: dict, where) -> None:
+    """Refuses to resume under a config that changes what the checkpoint's state means or which data comes next
+    (`RESUME_KEYS`), naming every such key with both values, unless `train.resume_overrides` lists it; other
+    changed keys (a new learning rate, say) are logged."""
+    overrides = {k.strip() for k in config_json["train"]["resume_overrides"].split(",") if k.strip()}
+    unknown = overrides - set(RESUME_KEYS)
+    if unknown:
+        raise ConfigError(f"config.train.resume_overrides: {sorted(unknown)} are not keys a resume compares "
+                          f"(those are {', '.join(RESUME_KEYS)})")
+    ours = {**config_json, "data": {**config_json["data"], **data}}
+    theirs = {**saved_config, "data": {**saved_config.get("data", {}), **(saved_data or data)}}
+    changed = differences(theirs, ours)
+    refused = [(k, a, b) for k, a, b in changed if k in RESUME_KEYS and k not in overrides]
+    if refused:
+        raise ConfigError(
+            f"the run resumes from {where}, whose config differs in what its state means or which data comes next: "
+            + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in refused)
+            + ". Resume with the checkpoint's values, use a new --workdir, or list the keys changed on purpose in "
+            "--config.train.resume_overrides")
+    for k, a, b in changed:
+        if not k.startswith(("distributed.", "train.resume_overrides", "train.stop_at")):
+            logging.warning("resuming from %s with a changed config.%s: %r -> %r", where, k, a, b)
+
+
+def check_same_config(config_json: dict) -> None:
+    """The processes of one run must have been given the same settings (but for their place in it)."""
+    view = {k: v for k, v in config_json.items() if k != "distributed"}
+    blobs = parallel.allgather_bytes(json.dumps(view, sort_keys=True).encode())
+    mine = blobs[jax.process_index()]
+    if all(b == mine for b in blobs):
+        return
+    diffs = [f"{k}: process 0 {a!r}, process {i} {b!r}"
+             for i, blob in enumerate(blobs[1:], 1) for k, a, b in differences(json.loads(blobs[0]), json.loads(blob))]
+    raise ConfigError(f"the {len(blobs)} processes of this run were given different settings: " + "; ".join(diffs))
 
 
 def describe_model(config: ml_collections.ConfigDict) -> dict:
@@ -71,8 +123,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batch_hook=None,
     parallel.initialize_distributed(config.distributed)
     if not config.data.path:
         raise ValueError("config.data.path is empty: point it at a directory written by tools/prepare_data.py")
-    resolve(config)
+    meta = resolve(config)
     validate(config, num_devices=jax.device_count())
+    config_json = json.loads(config.to_json_best_effort())
+    check_same_config(config_json)
+    data = data_identity(meta, config)
 
     mesh = parallel.make_mesh(config.mesh)
     trainer = Trainer(config, mesh)
@@ -87,7 +142,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batch_hook=None,
     train_iter = task.train_iterator(proc, nproc)
     guard = SpikeGuard(config.spike_guard)
     rescues: list[dict] = []
-    config_json = json.loads(config.to_json_best_effort())
 
     def initial_state():
         if config.init_from:
@@ -98,29 +152,36 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batch_hook=None,
 
     def restore(step: int):
         """The state of checkpoint `step`; the spike guard's statistics and the rescue log come back with it."""
-        state, data_state, _, loop_state = ckpt.restore(step, trainer.abstract_state())
+        state, data_state, saved_config, loop_state = ckpt.restore(step, trainer.abstract_state())
         if "guard" in loop_state:
             guard.load_state_dict(loop_state["guard"])
-        return state, data_state, loop_state.get("rescues", [])
+        return state, data_state, saved_config, loop_state
 
     def save(step: int, state) -> None:
-        loop_state = {"guard": guard.state_dict(), "rescues": rescues}
+        loop_state = {"run_id": run_id, "data": data, "guard": guard.state_dict(), "rescues": rescues}
         ckpt.save(step, state, train_iter.get_state(), config_json, loop_state)
 
     latest = ckpt.latest_step()
     if latest is not None:
-        state, data_state, rescues = restore(latest)
+        where = ckpt.directory / str(latest)
+        state, data_state, saved_config, loop_state = restore(latest)
+        check_resume(saved_config, loop_state.get("data"), config_json, data, where)
+        rescues = loop_state.get("rescues", [])
+        run_id = loop_state.get("run_id") or ckpt_lib.new_run_id(config.run_name)  # older checkpoints had none
         # The iterator state counts this process's batches, which is the same number on every process (each
         # takes one local batch per global batch), so the one JSON copy that Orbax saves serves all of them.
         train_iter.set_state(data_state)
-        logging.info("resumed from %s at step %d", ckpt.directory / str(latest), latest)
+        logging.info("resumed from %s at step %d (run %s)", where, latest, run_id)
     else:
         state = initial_state()
+        run_id = ckpt_lib.new_run_id(config.run_name)
+    run_id = parallel.allgather_bytes(run_id.encode())[0].decode()  # process 0's, on every process
     start = int(jax.device_get(state.step))
 
     writer = MetricWriter(workdir)
     meter = hooks_lib.Throughput()
-    summary: dict = {"start_step": start, "losses": {}, "eval": {}, "rescues": rescues, "preempted_at": None}
+    summary: dict = {"run_id": run_id, "start_step": start, "losses": {}, "eval": {}, "rescues": rescues,
+                     "preempted_at": None}
     peak = flops_lib.device_peak_flops()
     # On CPU the measured matmul already uses every core of a process; accelerators count per device.
     total_peak = peak * (nproc if jax.devices()[0].platform == "cpu" else jax.device_count())
@@ -165,7 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batch_hook=None,
             guard.load_state_dict({"count": 0, "mean": 0.0, "var": 0.0})
             new_state = initial_state()
         else:
-            new_state, _, _ = restore(good)
+            new_state, *_ = restore(good)
         rescues.append(record)
         new_state = trainer.scale_lr(new_state, guard.lr_factor ** len(rescues))
         logging.warning("loss spike at step %d (loss %.4f, %s): restored step %d, skipped %d batches, "
