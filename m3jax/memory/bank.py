@@ -23,17 +23,19 @@ of a shard; two processes interleaving rows of the same shards lost none here, o
 whole shard rewrites that shard: write in shard-sized pieces.
 Nothing is compressed: KV values hardly compress, and sizes stay exactly predictable (`bytes_per_reference`).
 
-Integrity (format 2). Every stored chunk ends with its crc32c (zarr's `crc32c` codec: each reference's chunk
-inside a shard, each shard's index, each chunk of `written` and `token_digest`), and every array but `written` is
-opened with `fill_missing_data_reads` off, so a flipped byte, a truncated shard or a missing chunk of a written
-row is an error on read (TensorStore checks the crc32c as it decodes; hardware crc32c, see
-tools/bench/bank_gather.py for its cost), never data. Such an error is a `BankCorruptionError` naming the bank,
-the array, the reference ids and the file. Rows in the RAM cache were verified when they were read.
-`verify(start, stop)` reads every written row of a range and returns the damaged ones; the writer runs it when it
-resumes, and writes them again (`m3jax/memory/writer.py`). A `written` chunk that cannot be read leaves its rows
-unwritten (`unwritten_ranges`, logged). `token_digest` is what a row's text is, cheaply: the index of the bank
-(m3jax/retrieval/build.py) records the digests it embedded, so a rewritten row is embedded again. A bank of
-format 1 (no checksums) is refused on open with a message to write it again.
+Integrity (format 2). Every stored chunk of data ends with its crc32c (zarr's `crc32c` codec: each reference's
+chunk inside a shard, each shard's index, each chunk of `token_digest`), and every array but `written` is opened
+with `fill_missing_data_reads` off, so a flipped byte, a truncated shard or a missing chunk of a written row is an
+error on read (TensorStore checks the crc32c as it decodes; tools/bench/bank_gather.py measures the cost), never
+data. Such an error is a `BankCorruptionError` naming the bank, the array, the reference ids and the file. Rows
+in the RAM cache were verified when they were read. `verify(start, stop)` reads every written row of a range and
+returns the damaged ones; the writer runs it when it resumes, and writes them again (`m3jax/memory/writer.py`).
+The `written` flags are plain bytes (a reader of the raw files sees 0 or 1), and their damage cannot pass
+unnoticed either: a flag other than 0 or 1, or a chunk that cannot be read, counts as unwritten (logged); a 1 that
+became 0 is a row written again; a 0 that became 1 reads chunks that were never written, which is an error.
+`token_digest` is what a row's text is, cheaply: the index of the bank (m3jax/retrieval/build.py) records the
+digests it embedded, so a rewritten row is embedded again. A bank of format 1 is refused on open with a message to
+write it again.
 
 Resume. `written` is chunked per shard too. A write stores the row's arrays, waits for them to be durable, then
 sets their flags, so a row whose flag is 1 is complete; `unwritten_ranges()` lists what a restarted writer
@@ -132,7 +134,7 @@ def _row_arrays(codec: Codec, arch: Mapping[str, Any]) -> dict[str, tuple[tuple[
 def bytes_per_reference(codec: str | Codec, arch: Mapping[str, Any], *, checksums: bool = True) -> dict[str, int]:
     """Stored bytes of one reference: per array, "shard_index" (16 bytes per row of each sharded array) and
     "checksums" (the 4-byte crc32c of each row's chunk in each sharded array). Per shard, not counted here: a
-    4-byte crc32c of each shard index and of each `written` and `token_digest` chunk."""
+    4-byte crc32c of each shard index and of each `token_digest` chunk."""
     codec = get_codec(codec) if isinstance(codec, str) else codec
     arrays = _row_arrays(codec, arch)
     out = {name: math.prod(shape) * numpy_dtype(dt).itemsize for name, (shape, dt) in arrays.items()}
@@ -201,8 +203,8 @@ def _array_spec(root: ts.KvStore.Spec, name: str, num_refs: int, shape: tuple[in
         codecs = [{"name": "sharding_indexed", "configuration": {
             "chunk_shape": [1, *shape], "codecs": _BYTES + crc, "index_codecs": _BYTES + _CRC,
             "index_location": "end"}}]
-    else:
-        codecs = _BYTES + crc
+    else:  # `written` stays plain bytes (see the module docstring)
+        codecs = _BYTES + (crc if name != "written" else [])
     metadata = {"shape": [num_refs, *shape], "data_type": dtype, "codecs": codecs, "fill_value": _FILL.get(name, 0),
                 "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [refs_per_shard, *shape]}}}
     return {**_open_spec(root, name), "metadata": metadata}
@@ -520,18 +522,18 @@ class MemoryBank:
         self._arrays["written"][start:stop].write(np.ones(n, np.uint8)).result()
 
     def unwritten_ranges(self, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
-        """The maximal [a, b) runs of unwritten refs within [start, stop) (default: the whole bank). The rows of a
-        `written` chunk that cannot be read (damaged) count as unwritten, with a warning naming them."""
+        """The maximal [a, b) runs of unwritten refs within [start, stop) (default: the whole bank). A damaged flag
+        (not 0 or 1) or `written` chunk (unreadable) counts as unwritten, with a warning naming the rows."""
         stop = self.num_refs if stop is None else stop
         flags = self._written(start, stop)
         edges = np.flatnonzero(np.diff(np.concatenate([[True], flags, [True]]).astype(np.int8)))
         return [(start + int(a), start + int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
     def _written(self, start: int, stop: int) -> np.ndarray:
-        """The flags of rows [start, stop) as bools; a `written` chunk that cannot be read reads as unwritten."""
+        """The flags of rows [start, stop) as bools; damaged ones (`unwritten_ranges`) read as unwritten."""
         written = self._arrays["written"]
         try:
-            return written[start:stop].read().result() != 0
+            return self._flags(written[start:stop].read().result(), start)
         except ValueError as e:
             if _status(e) not in _DAMAGE_CODES:
                 raise
@@ -540,13 +542,22 @@ class MemoryBank:
         for a in range(start - start % shard, stop, shard):
             lo, hi = max(a, start), min(a + shard, stop)
             try:
-                flags[lo - start:hi - start] = written[lo:hi].read().result() != 0
+                flags[lo - start:hi - start] = self._flags(written[lo:hi].read().result(), lo)
             except ValueError as e:
                 if _status(e) not in _DAMAGE_CODES:
                     raise
                 logging.warning("memory bank %s: the written flags of references [%d, %d) are damaged (%s): they "
                                 "count as unwritten", self.path, lo, hi, _clean(e))
         return flags
+
+    def _flags(self, values: np.ndarray, start: int, ids: np.ndarray | None = None) -> np.ndarray:
+        """Stored flags as bools: 1 = written; any value but 0 and 1 is damage, logged, and reads as unwritten."""
+        bad = np.flatnonzero(values > 1)
+        if bad.size:
+            rows = (start + bad) if ids is None else ids[bad]
+            logging.warning("memory bank %s: the written flags of %s are damaged (neither 0 nor 1): they count as "
+                            "unwritten", self.path, _ids_text(rows))
+        return values == 1
 
     def verify(self, start: int = 0, stop: int | None = None, *, shards_per_read: int = 4) -> np.ndarray:
         """The written rows of [start, stop) whose stored bytes are damaged or missing: sorted int64 ids.
@@ -643,7 +654,7 @@ class MemoryBank:
         if missing.size:
             flags = self._arrays["written"][missing].read()
             futures = {name: self._arrays[name][missing].read() for name in self._gathered}
-            written = self._results({"written": flags}, missing)["written"]
+            written = self._flags(self._results({"written": flags}, missing)["written"], 0, missing)
             if not written.all():
                 raise ValueError(f"memory bank {self.path}: reference {int(missing[np.argmin(written)])} is not "
                                  f"written ({int((written == 0).sum())} of the {missing.size} rows read are not)")
@@ -682,7 +693,7 @@ class MemoryBank:
         want = np.flatnonzero(flat >= 0)
         if want.size:
             written = self._results({"written": self._arrays["written"][flat[want]].read()}, flat[want])["written"]
-            rows = want[written != 0]
+            rows = want[self._flags(written, 0, flat[want])]
             if rows.size:
                 out[rows] = self._results({"tokens": self._arrays["tokens"][flat[rows]].read()}, flat[rows])["tokens"]
         return out.reshape(*ids.shape, -1)
