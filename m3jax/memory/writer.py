@@ -215,8 +215,7 @@ class _RunWriter:
 
 
 def write_references(bank: MemoryBank, params, cfg: ModelConfig, refs: References, sink: np.ndarray, *,
-                     k: int | None = None,
-                     batch_size: int, window_refs: int = 1, mesh: Mesh | None = None,
+                     batch_size: int, k: int | None = None, window_refs: int = 1, mesh: Mesh | None = None,
                      rules=DEFAULT_LOGICAL_AXIS_RULES, process_index: int = 0, process_count: int = 1,
                      log_every_s: float = 10.0, log: Callable[[str], None] = logging.info) -> dict[str, Any]:
     """Encodes and writes the unwritten references of this process's slice of `bank`; returns a summary.
