@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv venv-tpu demo test lint clean-demo
+.PHONY: venv venv-tpu demo test test-fast lint clean-demo
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -44,6 +44,12 @@ demo: $(STAMP)
 test: $(TPU_STAMP)
 	@$(PY) -m pytest tests -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+# For development: the suite without the tests marked slow (trainer subprocesses, multi-process runs, TPU compiles).
+# `make test` (and CI) runs everything.
+test-fast: $(TPU_STAMP)
+	@$(PY) -m pytest tests -q -m "not slow"; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; fi; exit $$rc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check m3jax tools tests configs

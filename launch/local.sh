@@ -43,6 +43,7 @@ port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); p
 
 pids=()
 for ((i = 0; i < num; i++)); do
+  : >"$log_dir/process_$i.log"  # exists before the follower below opens it (a child opens its own redirect later)
   "$PY" -m m3jax.train --config="$config" "$@" \
     --config.distributed.coordinator_address="127.0.0.1:$port" \
     --config.distributed.num_processes="$num" --config.distributed.process_id="$i" \

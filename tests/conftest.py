@@ -5,6 +5,24 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent XLA compilation cache for the session's jits and for every process it starts (trainer, tool and
+# multi-process runs inherit the environment): a program the suite compiles again in another test or process, as
+# most trainer runs of one config do, is compiled once. It lives in the repository's .cache/ (git ignores it), so a
+# developer's second `make test` starts warm; a clean clone (CI) starts empty. M3JAX_TEST_JAX_CACHE moves it; an
+# empty value turns it off. Entries are keyed by the program, the compile options and the jax version; a program
+# that compiles in under 0.5 s is not worth a file.
+_jax_cache = os.environ.get("M3JAX_TEST_JAX_CACHE", os.path.join(REPO, ".cache", "jax-tests"))
+if _jax_cache:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _jax_cache)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))  # bytes; least recently used go first
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from m3jax.config import base_config  # noqa: E402
@@ -27,8 +45,6 @@ def tiny_config(**model):
 def config():
     return tiny_config()
 
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -109,9 +125,8 @@ def memory_kb(lm_data, tmp_path_factory):
 
 
 def cli_env(root, devices=2):
-    """CPU devices of a CLI subprocess, and a compilation cache shared by the session's runs of one program."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache")}
+    """The environment of a CLI subprocess: `devices` CPU devices (and the session's compilation cache)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
 def run_tool(root, tool, *args, timeout=600):
@@ -139,3 +154,79 @@ def kb_retrieval(memory_kb):
     assert retrieved.returncode == 0, retrieved.stderr[-3000:]
     return {"index": os.path.join(memory_kb["bank"], "index"), "ids": str(ids), "build_stdout": built.stdout,
             "retrieve_stdout": retrieved.stdout}
+
+
+# Resume, preemption and fault tests (test_train, test_ops, test_multiprocess, test_launch): the settings shared by
+# runs compared with one uninterrupted reference run, that run (built once), and what each invocation of a run did.
+
+REFERENCE = {"train.num_steps": 9, "train.checkpoint_every": 3, "train.keep_checkpoints": 2, "train.log_every": 1,
+             "train.eval_every": 0, "mesh.fsdp": 2}
+REFERENCE_FLAGS = tuple(f"--config.{key}={value}" for key, value in REFERENCE.items())  # for trainer processes
+
+
+def reference_config(data_dir):
+    """tests/lm_test_config.py on `data_dir` with the REFERENCE settings (8 devices: mesh data 4 x fsdp 2)."""
+    import lm_test_config
+
+    c = lm_test_config.get_config()
+    c.data.path = data_dir
+    for key, value in REFERENCE.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+
+
+@pytest.fixture(scope="session")
+def reference_run(lm_data, tmp_path_factory):
+    """The uninterrupted REFERENCE run, in-process on the 8 test devices: what killed, preempted, resumed and
+    2-process runs of the same settings must reproduce. Its workdir (checkpoints 6 and 9 kept) and losses by step."""
+    from m3jax.train import loop
+
+    workdir = tmp_path_factory.mktemp("reference_run")
+    summary = loop.train(reference_config(lm_data), str(workdir))
+    assert summary["resumed_from"] is None and sorted(summary["losses"]) == list(range(1, 10)), summary
+    return {"workdir": workdir, "losses": summary["losses"]}
+
+
+def committed_steps(workdir) -> list[int]:
+    """The checkpoint steps a run directory holds, committed ones only (Orbax's temporary directories left out)."""
+    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def guard_state(workdir, step: int) -> dict:
+    """The spike guard's statistics saved with checkpoint `step` of a run."""
+    from m3jax.checkpoint import load_loop_state
+
+    return load_loop_state(Path(workdir) / "checkpoints" / str(step))["guard"]
+
+
+def invocations(workdir) -> list[dict]:
+    """A run's metrics.jsonl cut at its `start` records: per invocation, in order, the step it started at, whether a
+    checkpoint gave it, the train steps it logged (in the order written) and their losses."""
+    runs = []
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["split"] == "start":
+            runs.append({"start": rec["step"], "resumed": bool(rec["resumed"]), "steps": [], "losses": {}})
+        elif rec["split"] == "train":
+            runs[-1]["steps"].append(rec["step"])
+            runs[-1]["losses"][rec["step"]] = rec["loss"]
+    return runs
+
+
+def assert_invocations(workdir, expected, reference_losses=None, rtol=0.0) -> None:
+    """The run in `workdir` was invoked as `expected` says — per invocation (start step, resumed, last step), each
+    training every step after its start once — and each logged loss equals `reference_losses`' at its step: bit
+    for bit (rtol 0), or within `rtol`."""
+    runs = invocations(workdir)
+    got = [(r["start"], r["resumed"], r["steps"]) for r in runs]
+    want = [(start, resumed, list(range(start + 1, last + 1))) for start, resumed, last in expected]
+    assert got == want, f"invocations (start, resumed, steps trained): {got}, expected {want}"
+    if reference_losses is None:
+        return
+    for r in runs:
+        losses, reference = [r["losses"][s] for s in r["steps"]], [reference_losses[s] for s in r["steps"]]
+        if rtol:
+            np.testing.assert_allclose(losses, reference, rtol=rtol, err_msg=f"invocation from step {r['start']}")
+        else:
+            assert losses == reference, f"invocation from step {r['start']}: losses {losses} != {reference}"

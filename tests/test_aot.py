@@ -50,6 +50,7 @@ def run_dry_run(*args: str, hide_libtpu: bool = False) -> tuple[subprocess.Compl
     return out, json.loads(out.stdout[out.stdout.index("{"):])
 
 
+@pytest.mark.slow
 def test_memory3_2b_fits_a_v5p_128_slice(libtpu):
     out, report = run_dry_run("--topology=v5p:4x4x4")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -75,6 +76,7 @@ def test_memory3_2b_fits_a_v5p_128_slice(libtpu):
     assert 0.7 < a["total_bytes"] / c["total_bytes"] < 1.5
 
 
+@pytest.mark.slow
 def test_oversized_config_does_not_fit(libtpu):
     # The paper's model without remat on a 16-chip v5e slice: terabytes of activations per 16 GiB chip.
     out, report = run_dry_run("--config.model.remat=none", "--topology=v5e:4x4")
@@ -87,6 +89,7 @@ def test_oversized_config_does_not_fit(libtpu):
     assert report["analytic_memory_per_device_bytes"]["total_bytes"] > 100 * c["hbm_bytes"]
 
 
+@pytest.mark.slow
 def test_without_libtpu_the_analytic_estimate_is_printed_and_the_check_skipped():
     out, report = run_dry_run("--topology=v5p:4x4x4", hide_libtpu=True)
     assert out.returncode == 3, out.stderr[-3000:]  # a fit check that could not run does not pass
@@ -137,6 +140,7 @@ print("naming checks passed")
 """
 
 
+@pytest.mark.slow
 def test_bad_topology_and_unknown_chip_are_named(libtpu):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     out = subprocess.run([sys.executable, "-c", NAMING_CHECKS], cwd=REPO, env=env, capture_output=True, text=True,

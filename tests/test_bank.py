@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from configs import memory3_2b
 from m3jax.memory import codecs
 from m3jax.memory.bank import (
     BankMismatchError,
@@ -25,6 +26,7 @@ from m3jax.memory.bank import (
     tokenizer_hash,
 )
 from m3jax.model.config import ModelConfig
+from m3jax.train.flops import write_flops_per_reference
 
 K, REF_LEN = 4, 16
 CFG = ModelConfig(vocab_size=300, num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96,
@@ -210,15 +212,19 @@ def test_tokenizer_hash(tmp_path):
     assert tokenizer_hash(model) == hashlib.sha256(b"not really a model").hexdigest()
 
 
+def memory_budget(*flags):
+    """tools/memory_budget.py --config=configs/memory3_2b.py --json `flags`, parsed."""
+    out = subprocess.run(
+        [sys.executable, "tools/memory_budget.py", "--config=configs/memory3_2b.py", "--json", *flags], cwd=REPO,
+        capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def test_memory_budget_tool_memory3_2b():
     """memory3_2b: 450,560 bytes per memory in bf16; the paper: a sparse bank of 1.1e8 references is 45.9 TB,
     writing a reference ~0.308 TFLOPs, a read 1.44e-4 TFLOPs per use, RAG >= 0.624 TFLOPs."""
-    out = subprocess.run(
-        [sys.executable, "tools/memory_budget.py", "--config=configs/memory3_2b.py", "--num_refs=110000000",
-         "--processes=16", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert out.returncode == 0, out.stderr
-    b = json.loads(out.stdout)
+    b = memory_budget("--num_refs=110000000", "--processes=16")
     assert b["config"]["row_shape"] == [22, 2, 8, 8, 80]
     bf16, int8 = b["codecs"]["bf16"], b["codecs"]["int8"]
     assert bf16["bytes_per_memory"] == 22 * 2 * 8 * 8 * 80 * 2 == 450_560
@@ -230,3 +236,20 @@ def test_memory_budget_tool_memory3_2b():
     assert b["flops"]["rag_per_reference"] == pytest.approx(0.624e12, rel=0.01)
     # 2048 sequences of 32 chunks over 16 hosts, one unique memory per chunk, with positions.
     assert bf16["step_bytes_per_host"] == 128 * 32 * (450_560 + 22 * 8 * 8 * 4)
+
+
+def test_memory_budget_tool_follows_its_flags():
+    """Each flag reaches its numbers (the defaults above would hide a flag the tool ignored): a step of 64 x 1000
+    tokens (16 chunks) over 4 processes at 2.5 memories per chunk moves 640 int8 memories with their positions per
+    host, and a 3-token sink adds its tokens to the write FLOPs."""
+    b = memory_budget("--num_refs=1000", "--codecs=int8", "--global_batch=64", "--seq=1000", "--processes=4",
+                      "--memories_per_chunk=2.5", "--sink_len=3")
+    assert list(b["codecs"]) == ["int8"]
+    int8 = b["codecs"]["int8"]
+    assert int8["bank_memory_bytes"] == 1000 * 230_912
+    assert b["step"]["memories_per_host"] == 64 / 4 * 16 * 2.5 == 640
+    assert int8["step_bytes_per_host"] == 640 * (230_912 + 22 * 8 * 8 * 4)
+    config = memory3_2b.get_config()
+    cfg = ModelConfig.from_config(config.model, config.memory)
+    assert b["flops"]["write_per_reference"] == pytest.approx(write_flops_per_reference(cfg, 3), rel=1e-12)
+    assert b["flops"]["write_per_reference"] > write_flops_per_reference(cfg, 0) * (1 + 1e-3)

@@ -1,9 +1,13 @@
-"""Config validation, the pinned FLOPs formula, the LR schedules and the weight-decay mask."""
+"""Config validation (a misspelt override on the command line included), the pinned FLOPs formula, the LR schedules
+and the weight-decay mask."""
+
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 from m3jax.config import ConfigError, resolve, validate
 from m3jax.data.records import read_metadata, write_metadata
@@ -51,6 +55,19 @@ def test_locked_config_rejects_unknown_keys():
     c.lock()
     with pytest.raises(AttributeError, match="num_layer"):
         c.model.num_layer = 3
+
+
+@pytest.mark.parametrize("override,typo,meant", [
+    ("--config.model.num_layer=3", "num_layer", "num_layers"),
+    ("--config.optimizr.peak_lr=0.1", "optimizr", "optimizer"),
+])
+def test_a_misspelt_override_fails_with_did_you_mean(override, typo, meant):
+    """README: a misspelt `--config.x.y` fails with a "did you mean" that names the key, through the trainer's own
+    command line (its flag parsing runs before any work: the run needs no data)."""
+    proc = subprocess.run([sys.executable, "-m", "m3jax.train", "--config=tests/lm_test_config.py", override],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, f"{override} was accepted: {proc.stdout}{proc.stderr}"
+    assert f'Did you mean "{meant}" instead of "{typo}"?' in proc.stderr, proc.stderr[-2000:]
 
 
 def test_flops_formula_is_pinned():

@@ -445,15 +445,72 @@ def test_prepare_end_to_end(docs, tokenizer_path, tmp_path):
     assert abs(np.mean(fractions) - 0.2) < 0.01
 
 
+def documents_in_records(data_dir, split) -> dict[int, np.ndarray]:
+    """The documents a split's records hold, rebuilt from the records alone: {document number: its stream tokens},
+    each real input placed at its `doc_offsets` (a document is [bos, *tokens, eos]; the split's very last eos is
+    a target only). Asserts that every offset of a document is there exactly once."""
+    source, decode = records.split_source(data_dir, split)
+    rows = [decode(i, source[i]) for i in range(len(source))]
+    real = np.concatenate([row["segment_ids"] > 0 for row in rows])
+    number, offset, token = (np.concatenate([row[name] for row in rows])[real]
+                             for name in ("documents", "doc_offsets", "inputs"))
+    found = {}
+    for doc in np.unique(number):
+        order = np.argsort(offset[number == doc], kind="stable")
+        np.testing.assert_array_equal(offset[number == doc][order], np.arange(order.size),
+                                      err_msg=f"{split}: offsets of document {doc}")
+        found[int(doc)] = token[number == doc][order]
+    return found
+
+
+def test_heldout_documents_are_never_in_training_records(docs, tokenizer_path, tmp_path):
+    """The knowledge split, checked on the written shards without the split function: the documents rebuilt from
+    each split's records are the corpus documents tokenised here, whole and token for token; no document is in
+    both splits, every document is in one, and the held-out split is what `heldout_split` chose."""
+    sample = docs[::7]
+    corpus_file = tmp_path / "sample.jsonl"
+    corpus_file.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in sample))
+    prepare.prepare(str(corpus_file), tokenizer_path, tmp_path / "data", seq_len=64, heldout_fraction=0.2,
+                    num_shards=2)
+    tok = Tokenizer(tokenizer_path)
+    streams = [np.array([tok.bos_id, *ids, tok.eos_id]) for ids in tok.encode_batch([d.text for d in sample])]
+
+    found = {name: documents_in_records(tmp_path / "data", name) for name in prepare.SPLITS}
+    both = sorted(found["train"].keys() & found["heldout"].keys())
+    assert not both, f"documents {both} are in both splits"
+    assert found["train"].keys() | found["heldout"].keys() == set(range(len(sample)))
+    for name, split_docs in found.items():
+        for number, tokens in split_docs.items():
+            want = streams[number]
+            assert len(tokens) in (len(want), len(want) - 1), f"{name}: document {number} is not whole"
+            np.testing.assert_array_equal(tokens, want[:len(tokens)], err_msg=f"{name}: document {number}")
+    chosen = {k for k in range(len(sample)) if prepare.heldout_split(f"{corpus_file}:{k + 1}", 0.2)}
+    assert found["heldout"].keys() == chosen and 0 < len(chosen) < len(sample)
+
+
 def test_command_line_tools(tmp_path):
-    text = tmp_path / "text.txt"
-    text.write_text("\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(300)))
+    """tools/train_tokenizer.py and tools/prepare_data.py write what the library calls with the same arguments
+    write: a byte-identical tokenizer, the same metadata and the same records in both splits."""
+    texts = [f"Document {i}. " + " ".join(f"Line {j}: the quick brown fox jumps over the lazy dog {i * j}."
+                                           for j in range(i % 7 + 3)) for i in range(60)]
+    corpus_file = tmp_path / "corpus.jsonl"
+    corpus_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     run = dict(cwd=tmp_path, capture_output=True, text=True, check=True)  # not the repo root: sys.path guard
-    tok = subprocess.run([sys.executable, REPO / "tools/train_tokenizer.py", f"--corpus={text}",
-                          f"--out={tmp_path}/tok/spm", "--vocab_size=300"], **run)  # fmt: skip
-    assert "vocab_size=300" in tok.stdout
-    prep = subprocess.run([sys.executable, REPO / "tools/prepare_data.py", f"--corpus={text}",
-                           f"--tokenizer={tmp_path}/tok/spm.model", f"--out={tmp_path}/data", "--seq_len=32",
-                           "--heldout_fraction=0"], **run)  # fmt: skip
-    assert "train: 1 documents" in prep.stdout
-    assert records.read_metadata(tmp_path / "data")["splits"]["train"]["num_records"] > 10
+    tok = subprocess.run([sys.executable, REPO / "tools/train_tokenizer.py", f"--corpus={corpus_file}",
+                          f"--out={tmp_path}/cli/spm", "--vocab_size=320"], **run)  # fmt: skip
+    lib_model = train_tokenizer(iter(texts), str(tmp_path / "lib" / "spm"), 320)
+    assert (tmp_path / "cli" / "spm.model").read_bytes() == Path(lib_model).read_bytes()
+    assert f"vocab_size=320 sha256={Tokenizer(lib_model).sha256}" in tok.stdout
+
+    args = dict(seq_len=32, heldout_fraction=0.25, num_shards=2, seed=3)
+    prep = subprocess.run([sys.executable, REPO / "tools/prepare_data.py", f"--corpus={corpus_file}",
+                           f"--tokenizer={lib_model}", f"--out={tmp_path}/cli/data",
+                           *(f"--{k}={v}" for k, v in args.items())], **run)  # fmt: skip
+    meta = prepare.prepare(str(corpus_file), lib_model, tmp_path / "lib" / "data", **args)
+    assert records.read_metadata(tmp_path / "cli" / "data") == meta
+    for name, split in meta["splits"].items():
+        assert f"{name}: {split['num_documents']} documents -> {split['num_records']} records" in prep.stdout
+        cli_source, decode = records.split_source(tmp_path / "cli" / "data", name)
+        lib_source, _ = records.split_source(tmp_path / "lib" / "data", name)
+        assert len(cli_source) == len(lib_source) == split["num_records"] > 0
+        assert [cli_source[i] for i in range(len(cli_source))] == [lib_source[i] for i in range(len(lib_source))]

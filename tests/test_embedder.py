@@ -3,8 +3,9 @@
 References are computed here, independently of the module: MiniLM through `AutoTokenizer` + `BertModel` with
 mean pooling and L2 norm (the sentence-transformers recipe) on real CPython-documentation text; XLM-RoBERTa
 through a small random `XLMRobertaModel` saved with its own `tokenizers` tokenizer, CLS-pooled, on padded batches
-(HF derives its positions from the ids: padding_idx + 1, + 2, ...). Also: a text's vector does not depend on its
-batch, sharding over 8 CPU devices changes nothing, and bad directories fail with errors that name the problem.
+(HF derives its positions from the ids: padding_idx + 1, + 2, ...). A sentence-transformers `1_Pooling` config
+overrides either default pooling. Also: a text's vector does not depend on its batch, sharding over 8 CPU devices
+changes nothing, and bad directories fail with errors that name the problem.
 """
 
 import json
@@ -19,7 +20,8 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from m3jax.data.corpus import embedded_corpus
-from m3jax.retrieval.embedder import Embedder, encode, resolve_model_dir
+from m3jax.retrieval import embedder as embedder_lib
+from m3jax.retrieval.embedder import DEFAULT_POOLING, REQUIRED_FILES, Embedder, encode, resolve_model_dir
 
 MINILM = "all-MiniLM-L6-v2"
 encode_jit = jax.jit(encode, static_argnums=1)
@@ -117,21 +119,27 @@ def xlmr_texts() -> list[str]:
     return [" ".join(rng.choice(WORDS + ["unknown"], n)) for n in (1, 5, 29, 30, 31, 47, 90, 200)]
 
 
-def test_xlmr_matches_transformers(xlmr_dir):
-    embedder = Embedder.load(str(xlmr_dir), max_len=128, batch_size=4)
-    assert embedder.identity["model_type"] == "xlm-roberta" and embedder.identity["pooling"] == "cls"
-    hf_model = transformers.XLMRobertaModel.from_pretrained(xlmr_dir, dtype=torch.float32).eval()
-    texts = xlmr_texts()
-    token_ids = embedder.tokenize(texts)
+def xlmr_hidden(model_dir, token_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HF XLMRobertaModel's last hidden states [n, seq, hidden] of `token_ids` right-padded with pad id 1, and
+    the padded ids and mask [n, seq]."""
+    hf_model = transformers.XLMRobertaModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     seq = max(len(t) for t in token_ids)
-    assert seq == 128 and all(t[0] == 0 and t[-1] == 2 for t in token_ids)  # <s> ... </s>, truncated to 128
-    ids = np.ones((len(texts), seq), np.int64)  # pad id 1
-    mask = np.zeros((len(texts), seq), np.int64)
+    ids = np.ones((len(token_ids), seq), np.int64)
+    mask = np.zeros((len(token_ids), seq), np.int64)
     for i, t in enumerate(token_ids):
         ids[i, :len(t)], mask[i, :len(t)] = t, 1
     with torch.no_grad():
         hidden = hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
-    hidden = hidden.numpy()  # [n, seq, 64]
+    return hidden.numpy(), ids, mask
+
+
+def test_xlmr_matches_transformers(xlmr_dir):
+    embedder = Embedder.load(str(xlmr_dir), max_len=128, batch_size=4)
+    assert embedder.identity["model_type"] == "xlm-roberta" and embedder.identity["pooling"] == "cls"
+    texts = xlmr_texts()
+    token_ids = embedder.tokenize(texts)
+    assert max(len(t) for t in token_ids) == 128 and all(t[0] == 0 and t[-1] == 2 for t in token_ids)  # truncated
+    hidden, ids, mask = xlmr_hidden(xlmr_dir, token_ids)  # [n, 128, 64]
 
     ours = np.asarray(encode_jit(embedder.params, embedder.config, ids, mask))
     np.testing.assert_allclose(ours[mask == 1], hidden[mask == 1], atol=1e-4)
@@ -139,6 +147,56 @@ def test_xlmr_matches_transformers(xlmr_dir):
     np.testing.assert_allclose(got, normalize(hidden[:, 0]), atol=1e-5)
     alone = np.concatenate([embedder.embed([t]) for t in texts])
     np.testing.assert_allclose(got, alone, atol=1e-5)
+
+
+def numpy_pooling(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """Unit vectors of hidden states [n, seq, dim]: the first token ("cls") or the mean over real tokens."""
+    pooled = hidden[:, 0] if mode == "cls" else (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    return normalize(pooled)
+
+
+def with_pooling(model_dir, out, mode: str):
+    """`model_dir`'s files linked into `out`, with a sentence-transformers 1_Pooling/config.json selecting
+    `mode` (the packaged MiniLM's own file, its flags set for `mode`)."""
+    out.mkdir()
+    for name in REQUIRED_FILES:
+        (out / name).symlink_to(model_dir / name)
+    pooling = json.loads((resolve_model_dir(MINILM) / "1_Pooling" / "config.json").read_text())
+    pooling.update(word_embedding_dimension=json.loads((model_dir / "config.json").read_text())["hidden_size"],
+                   pooling_mode_cls_token=mode == "cls", pooling_mode_mean_tokens=mode == "mean")
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    return str(out)
+
+
+def test_pooling_config_overrides_the_default(minilm, xlmr_dir, tmp_path, monkeypatch):
+    """README: "a sentence-transformers `1_Pooling` config decides when present". CLS pooling for MiniLM (BERT:
+    mean by default) and mean pooling for XLM-R (CLS by default) give that pooling of HF's hidden states.
+    Negative control: a loader that ignores the file gives the default pooling and fails the check."""
+    _, hf_tok, hf_model = minilm
+    texts = corpus_texts()[:6]
+    batch = hf_tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        hidden = hf_model(**batch).last_hidden_state.numpy()
+    cls = Embedder.load(with_pooling(resolve_model_dir(MINILM), tmp_path / "minilm_cls", "cls"))
+    assert cls.identity["pooling"] == "cls"
+    np.testing.assert_allclose(cls.embed(texts), numpy_pooling(hidden, batch["attention_mask"].numpy(), "cls"),
+                               atol=1e-5)
+
+    xlmr_mean = with_pooling(xlmr_dir, tmp_path / "xlmr_mean", "mean")
+    texts = xlmr_texts()
+    embedder = Embedder.load(xlmr_mean, max_len=128)
+    assert embedder.identity["pooling"] == "mean"
+    hidden, _, mask = xlmr_hidden(xlmr_dir, embedder.tokenize(texts))
+
+    def assert_mean_pooled(embedder):
+        np.testing.assert_allclose(embedder.embed(texts), numpy_pooling(hidden, mask, "mean"), atol=1e-5,
+                                   err_msg="not the mean pooling that 1_Pooling selects")
+
+    assert_mean_pooled(embedder)
+    monkeypatch.setattr(embedder_lib, "read_pooling", lambda model_dir, model_type: DEFAULT_POOLING[model_type])
+    with pytest.raises(AssertionError, match="not the mean pooling that 1_Pooling selects"):
+        assert_mean_pooled(Embedder.load(xlmr_mean, max_len=128))
 
 
 def test_bad_model_dirs(tmp_path, xlmr_dir):

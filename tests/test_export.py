@@ -169,10 +169,14 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_exports_an_orbax_checkpoint(tmp_path):
+    """The CLI exports the latest step of a run's checkpoints (an earlier step holds other parameters), and HF's
+    logits equal ours on it."""
     config = tiny_config(**MODEL)
     trainer = Trainer(config, make_mesh(config.mesh, jax.devices()[:1]))
     state = trainer.init_state()
     ckpt = Checkpointer(tmp_path / "checkpoints", max_to_keep=2, async_save=False)
+    earlier = trainer.state_from_params(jax.tree.map(lambda p: -p, state.params))
+    ckpt.save(3, earlier, {}, json.loads(config.to_json_best_effort()))
     ckpt.save(5, state, {}, json.loads(config.to_json_best_effort()))
     ckpt.wait()
     ckpt.close()

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_train import read_losses
+from conftest import REPO, assert_invocations
 
 BASH = shutil.which("bash")
 SLURM_PORT_BASE = 65535 - 2**12 + 1  # jax's SlurmCluster: coordinator port = this + SLURM_JOB_ID % 4096
@@ -58,12 +57,13 @@ def train_args(workdir: Path, data_dir: str) -> list[str]:
             "--config.train.num_steps=2"]
 
 
-def assert_two_process_run(workdir: Path, logs: list[str]) -> None:
-    """Both processes joined one jax.distributed run over 2 x 2 devices, and the run has trained steps 1-2."""
+def assert_two_process_run(workdir: Path, logs: list[str], expected: list[tuple[int, bool, int]]) -> None:
+    """Both processes joined one jax.distributed run over 2 x 2 devices; the run's invocations were `expected`
+    ((start step, resumed, last step) each, see conftest.assert_invocations) and it holds checkpoint 2."""
     for i, text in enumerate(logs):
         assert f"jax.distributed: process {i} of 2, 2 local / 4 global devices" in text, text[-3000:]
         assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1} on 2 processes" in text, text[-3000:]
-    assert sorted(read_losses(workdir)) == [1, 2]
+    assert_invocations(workdir, expected)
     assert (workdir / "checkpoints" / "2" / "state").is_dir()
 
 
@@ -102,11 +102,12 @@ def slurm_run(lm_data, tmp_path_factory):
     return root / "run", texts, SLURM_PORT_BASE + job_id % 2**12
 
 
+@pytest.mark.slow
 def test_slurm_task_body_trains_with_two_processes(slurm_run):
     """jax.distributed.initialize() found both tasks from SLURM_* alone: no coordinator was passed."""
     workdir, texts, port = slurm_run
     assert f"Connecting to JAX distributed service on 127.0.0.1:{port}" in texts[1]
-    assert_two_process_run(workdir, texts)
+    assert_two_process_run(workdir, texts, [(0, False, 2)])
 
 
 def test_slurm_submits_itself_then_sruns_one_task_per_gpu(tmp_path):
@@ -242,9 +243,11 @@ def test_tpu_pod_fails_clearly_without_its_settings(tmp_path, missing):
 # ---------------------------------------------------------------------------------------------------- local.sh
 
 
+@pytest.mark.slow
 def test_local_two_processes_resume_a_run(slurm_run, lm_data, tmp_path):
     """NUM_PROCESSES=2: two local processes join one jax.distributed run (explicit coordinator on 127.0.0.1) and
-    restore the SLURM run's step-2 checkpoint together. Training itself is covered once, by the SLURM run."""
+    restore the SLURM run's step-2 checkpoint together: the invocation starts at step 2, resumed, and trains none
+    (the run has 2 steps). Training itself is covered once, by the SLURM run."""
     workdir = tmp_path / "run"
     shutil.copytree(slurm_run[0], workdir)
     r = subprocess.run([BASH, "launch/local.sh", *train_args(workdir, lm_data)], cwd=REPO,
@@ -253,7 +256,7 @@ def test_local_two_processes_resume_a_run(slurm_run, lm_data, tmp_path):
     logs = [(workdir / "logs" / f"process_{i}.log").read_text() for i in range(2)]
     for text in logs:
         assert f"resumed from {workdir}/checkpoints/2 at step 2" in text, text[-3000:]
-    assert_two_process_run(workdir, logs)
+    assert_two_process_run(workdir, logs, [(0, False, 2), (2, True, 2)])
     assert "resumed from" in r.stdout  # process 0 is followed on the terminal
     assert "127.0.0.1:" in r.stderr and f"{workdir}/logs/process_<i>.log" in r.stderr
 

@@ -9,6 +9,8 @@
   (oracle 1); with a few keys kept per (memory layer, memory KV head), the sequence forward hides from the
   context the reference tokens that were not kept (oracle 2).
 - Without a `Memory` the model is the plain model; with no memories it is the plain model on `sink + context`.
+- Cost: the forward's FLOPs (XLA's cost analysis) do not grow with a row's unique memories, only with the slots
+  each group reads.
 """
 
 import functools
@@ -265,14 +267,14 @@ def numpy_forward(params, cfg, tokens, positions, visible):
     return logits[:, : cfg.vocab_size], np.stack(keys), np.stack(values)
 
 
-def random_params(cfg, seed):
-    """Random parameters of the model's tree. init_std 0.15 and random norm weights keep the logits O(1) (so the
-    tolerances mean something) and expose a misplaced norm."""
+def random_params(cfg, seed, std=0.15):
+    """Random parameters of the model's tree. Matrices ~ N(0, std²) and random norm weights: at 0.15 the logits
+    are O(1) (so the tolerances mean something); a misplaced norm shows."""
     abstract = params_lib.abstract_params(cfg)
     rng = np.random.default_rng(seed)
     paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     leaves = [(1.0 + 0.3 * rng.standard_normal(x.shape) if "norm" in jax.tree_util.keystr(p)
-               else 0.15 * rng.standard_normal(x.shape)).astype(np.float32) for p, x in paths]
+               else std * rng.standard_normal(x.shape)).astype(np.float32) for p, x in paths]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -461,3 +463,52 @@ def test_check_layout_names_what_breaks_the_contract():
         check_layout(group, np.array([[[0, 1, -1], [2, -1, 2]]]), chunk_size=6)
     with pytest.raises(ValueError, match="memory_group 2 is out of range: the index has 2 groups"):
         check_layout(np.where(group == 1, 2, group), index, chunk_size=6)
+
+
+# ------------------------------------------------------------------------------------------ cost
+def memory_forward_flops(cfg, *, memories, slots, groups=4, batch=2, seq=64, kk=8, sink_len=3) -> float:
+    """FLOPs of the model's forward with memory, from shapes alone (XLA's cost analysis of the lowered program):
+    `memories` unique memories per row (M), `groups` x `slots` (G, S) read slots, `kk` keys per memory."""
+    graphdef = params_lib.graphdef(cfg)
+    # A fresh jit each call, traced anew: a monkeypatched read path is not hidden by a cached trace.
+    forward = jax.jit(lambda params, tokens, positions, seg, group, memory: nnx.merge(graphdef, params)(
+        tokens, positions, seg, memory_group=group, memory=memory))
+    ints = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    kv = jax.ShapeDtypeStruct((len(cfg.memory_layers), batch, memories, len(cfg.memory_kv_heads), kk, cfg.head_dim),
+                              jnp.float32)
+    memory = Memory(keys=kv, values=kv, index=jax.ShapeDtypeStruct((batch, groups, slots), jnp.int32),
+                    valid=jax.ShapeDtypeStruct((batch, memories, kk), bool),
+                    sink_tokens=jax.ShapeDtypeStruct((sink_len,), jnp.int32))
+    return forward.lower(params_lib.abstract_params(cfg), ints, ints, ints, ints, memory).cost_analysis()["flops"]
+
+
+def test_memory_read_costs_seq_times_slots_not_unique_memories(monkeypatch):
+    """The read path's cost claim (README "Memory heads", docs/memory.md): O(seq x slots) per head. Doubling a
+    row's unique memories M at fixed slots per group leaves the forward's FLOPs unchanged; doubling the slots
+    adds exactly the memory matmuls of the new slots (plus their softmax). Negative control: a read path that
+    attends to every unique memory in every group costs more with more memories and fails the check."""
+    # Layers unrolled: XLA's cost analysis counts the body of a scan's while loop once.
+    cfg = model_config(memory_layers=(0, 1), memory_kv_heads=(0, 1), memory_chunk_size=16, scan_layers=False)
+    groups, batch, kk = 4, 2, 8  # memory_forward_flops' defaults (G x chunk_size = its seq)
+
+    def assert_flat_in_unique_memories():
+        flops = [memory_forward_flops(cfg, memories=m, slots=2) for m in (8, 16, 32)]
+        assert flops[0] == flops[1] == flops[2], f"forward FLOPs grow with the unique memories (8, 16, 32): {flops}"
+
+    assert_flat_in_unique_memories()
+    added = memory_forward_flops(cfg, memories=8, slots=4) - memory_forward_flops(cfg, memories=8, slots=2)
+    # 2 more slots: q.k and p.v over 2·kk more keys, 2·head_dim FLOPs each per query of each memory query head,
+    # for the G x chunk_size grid of queries, in every memory layer.
+    heads = cfg.num_heads // cfg.num_kv_heads * len(cfg.memory_kv_heads)
+    matmuls = len(cfg.memory_layers) * batch * heads * groups * cfg.memory_chunk_size * 2 * kk * 2 * 2 * cfg.head_dim
+    assert matmuls <= added <= 1.25 * matmuls, (added, matmuls)
+
+    read_by_slots = attn_lib.memory_attention
+
+    def read_every_memory(qm, mem_k, mem_v, mem_index, *args, **kwargs):
+        every = jnp.broadcast_to(jnp.arange(mem_k.shape[1], dtype=jnp.int32), (*mem_index.shape[:2], mem_k.shape[1]))
+        return read_by_slots(qm, mem_k, mem_v, every, *args, **kwargs)
+
+    monkeypatch.setattr(attn_lib, "memory_attention", read_every_memory)
+    with pytest.raises(AssertionError, match="forward FLOPs grow with the unique memories"):
+        assert_flat_in_unique_memories()

@@ -5,7 +5,7 @@ init_std 0.3 (O(1) logits, so memory visibly moves the loss and the tolerances m
 not need a trained model). Pinned: the own-memory loss with k = 128, every layer and every KV head a memory head,
 equals the plain model's loss on `sink + reference + context` as one sequence (the read path's oracle 1, in loss
 form, computed here independently of the tool's batching); int8 memories move the loss little; empty memory is
-not memory off; the CLI loads a checkpoint and prints the table.
+not memory off; the CLI's numbers are the library's on the same checkpoint.
 """
 
 import dataclasses
@@ -34,6 +34,7 @@ from m3jax.model.params import init_params
 REPO = Path(__file__).resolve().parents[1]
 REF_LEN = 128
 LENGTHS = [128, 128, 77, 5]  # two full references, a short one, one shorter than k = 8
+K_CLI = 16  # the CLI test's --k: neither config.memory.k (8) nor ref_len
 
 
 @pytest.fixture(scope="module")
@@ -139,25 +140,43 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
-def test_cli_runs_on_a_checkpoint(setup, lm_data, tmp_path):
-    """tools/eval_memory_loss.py: an init checkpoint of tests/lm_test_config.py (memory layers = first half)."""
+def test_cli_numbers_are_the_library_numbers(setup, lm_data, tmp_path):
+    """tools/eval_memory_loss.py on an init checkpoint of tests/lm_test_config.py (memory layers = first half): its
+    per-passage losses and summary are passage_nll's and summarize's on the same parameters, passages and --k. K_CLI
+    is neither config.memory.k nor ref_len, and its losses differ from config.memory.k's: a tool that ignored --k
+    (or a library that ignored k) would not match."""
     import lm_test_config
 
     config = lm_test_config.get_config()
     config.data.path = lm_data
     config.model.update(vocab_size=setup["meta"]["vocab_size"], init_std=0.3)
-    cfg = ModelConfig.from_config(config.model)
+    cfg = ModelConfig.from_config(config.model, config.memory)
+    params = init_params(cfg, 1)
     ckpt = Checkpointer(tmp_path / "checkpoints", max_to_keep=1, async_save=False)
-    ckpt.save(1, {"params": init_params(cfg, 1)}, {}, json.loads(config.to_json_best_effort()),
+    ckpt.save(1, {"params": params}, {}, json.loads(config.to_json_best_effort()),
               {"run_id": "test", "data": {"tokenizer_sha256": setup["tokenizer"].sha256}})
     ckpt.wait()
     ckpt.close()
     out_json = tmp_path / "out.json"
     proc = run_tool(f"--checkpoint={tmp_path}", f"--tokenizer={Path(lm_data).parent / 'spm.model'}",
-                    "--num_passages=3", "--k=8", "--codec=bf16", "--batch_size=3", f"--json={out_json}")
+                    "--num_passages=3", f"--k={K_CLI}", "--codec=bf16", "--batch_size=3", f"--json={out_json}")
     assert proc.returncode == 0, proc.stderr
-    assert "3 held-out passages" in proc.stdout and "own k=8 bf16" in proc.stdout, proc.stdout
+    assert "3 held-out passages" in proc.stdout and f"own k={K_CLI} bf16" in proc.stdout, proc.stdout
     result = json.loads(out_json.read_text())
-    assert result["setup"]["memory_layers"] == [0] and set(result["summary"]) == {
-        "own k=8 bf16", "shuffled k=8 bf16", "empty", "off"}
-    assert all(np.isfinite(v) for r in result["summary"].values() for v in r.values())
+    assert result["setup"]["memory_layers"] == [0]
+
+    meta, tokenizer = setup["meta"], setup["tokenizer"]
+    passages = evaluate.heldout_passages(embedded_corpus(), tokenizer, heldout_fraction=meta["heldout_fraction"],
+                                         seed=meta["seed"], ref_len=REF_LEN, num_passages=3)
+    assert result["doc_ids"] == list(passages.doc_ids) and result["tokens"] == passages.lengths.tolist()
+    nll = evaluate.passage_nll(params, cfg, passages, setup["sink"], bos_id=tokenizer.bos_id,
+                               ks=[K_CLI, config.memory.k], codecs=["bf16"], batch_size=3)
+    names = evaluate.condition_names([K_CLI], ["bf16"])
+    assert list(result["passage_loss"]) == list(result["summary"]) == names
+    for name in names:
+        np.testing.assert_allclose(result["passage_loss"][name], nll[name] / nll["tokens"], rtol=1e-5, err_msg=name)
+    summary = evaluate.summarize({name: nll[name] for name in [*names, "tokens"]})
+    for name in names:
+        assert result["summary"][name] == pytest.approx(summary[name], rel=1e-5, abs=1e-6), name
+    k_effect = np.abs(nll[f"own k={K_CLI} bf16"] - nll[f"own k={config.memory.k} bf16"]) / nll["tokens"]
+    assert k_effect.min() > 1e-3, k_effect

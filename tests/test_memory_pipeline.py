@@ -3,7 +3,8 @@ retrieved ids: the loader does not care how the ids were found, so no embedder o
 (tests/test_retrieval.py runs the retrieval tools end to end).
 
 Checked against independent constructions: groups and slots from the layout's definition token by token, the
-bank's rows read straight from its zarr array with TensorStore, reference tokens from the knowledge base.
+bank's rows read straight from its zarr array with TensorStore, reference tokens from the knowledge base, and the
+records, order and every stage-1 field from the warm-up task's own iterator.
 """
 
 import itertools
@@ -14,12 +15,14 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
+from m3jax import memory_pipeline
 from m3jax.data.records import read_metadata
 from m3jax.memory.layout import max_groups
 from m3jax.memory.writer import read_record
 from m3jax.memory_pipeline import CODES_PREFIX, device_memory, make_memory_iterator, memory_iterator
 from m3jax.retrieval.build import open_bank
 from m3jax.retrieval.retrieve import RetrievedIds
+from m3jax.train.tasks import LmTask
 
 BATCH, SLOTS, CHUNK, REF_LEN = 4, 5, 64, 128
 
@@ -115,13 +118,51 @@ def test_bank_batches_hold_the_retrieved_memories(setup):
                 assert sorted(got) == sorted(want) and len(got) == len(set(got)), (record, t)
             real = batch["segment_ids"][row] > 0
             assert np.all(batch["positions"][row][real] >= p + REF_LEN)
-    # the positions are the record's, shifted past the sink and the memory span
-    from m3jax.data.records import split_source
 
-    source, decode = split_source(setup["data"], "train")
-    rec = decode(record, source[record])
-    np.testing.assert_array_equal(batch["positions"][row], rec["positions"] + p + REF_LEN)
-    np.testing.assert_array_equal(batch["inputs"][row], rec["inputs"])
+
+def loader_config(setup, memory_kb, mode="bank"):
+    """memory_kb's config reading the synthetic ids in the paper layout: batches of BATCH records, shuffle seed 3."""
+    config = memory_kb["config"].copy_and_resolve_references()
+    config.data.update(path=setup["data"], global_batch_size=BATCH, shuffle_seed=3, seq_len=256)
+    config.retrieval.update(ids_path=str(setup["ids"].directory), mode=mode, layout="paper")
+    config.memory.update(per_chunk=SLOTS, chunk_size=CHUNK, ref_len=REF_LEN)
+    return config
+
+
+def warmup_differences(config, setup, num_batches):
+    """Where the first `num_batches` batches of the config's memory loader differ from the warm-up task's (LmTask:
+    the stage-1 iterator of the same data and seed): every field the warm-up batch has, every row; positions shifted
+    past the sink and the memory span."""
+    shift = {"positions": len(setup["sink"]) + config.memory.ref_len}
+    warmup = LmTask(config).train_iterator(0, 1)
+    memory = memory_iterator(config, "train", setup["bank"], len(setup["sink"]))
+    out = []
+    for step in range(num_batches):
+        want, got = next(warmup), next(memory)
+        for name, value in want.items():
+            if name not in got or got[name].shape != value.shape:
+                out.append(f"batch {step}: {name} missing or of another shape")
+            elif (rows := np.flatnonzero((got[name] != value + shift.get(name, 0)).any(-1))).size:
+                out.append(f"batch {step}: {name} differs in rows {rows.tolist()}")
+    return out
+
+
+def test_loader_batches_are_the_warmup_batches(setup, memory_kb, monkeypatch):
+    """The config's memory loader yields the warm-up task's batches of the same config, every field of every row,
+    into the second (reshuffled) epoch: the stage-1 order, inputs, targets, loss weights, segments and positions.
+    The comparison catches a loader that shuffles with another seed or drops loss_weights."""
+    config = loader_config(setup, memory_kb)
+    epoch = setup["ids"].num_records // BATCH
+    assert not (diffs := warmup_differences(config, setup, epoch + 2)), diffs[:10]
+
+    global_records, add_slots = memory_pipeline.global_records, memory_pipeline._add_slots
+    monkeypatch.setattr(memory_pipeline, "global_records", lambda data, split, batch, seed, *args, **kw:
+                        global_records(data, split, batch, seed + 1, *args, **kw))
+    assert any("inputs differs" in d for d in warmup_differences(config, setup, 1))
+    monkeypatch.undo()
+    monkeypatch.setattr(memory_pipeline, "_add_slots", lambda record, **kw:
+                        {k: v for k, v in add_slots(record, **kw).items() if k != "loss_weights"})
+    assert warmup_differences(config, setup, 1) == ["batch 0: loss_weights missing or of another shape"]
 
 
 def test_deterministic_and_exact_resume(setup):
@@ -194,10 +235,7 @@ def test_device_memory_feeds_the_model(setup, memory_kb):
 
 def test_the_config_sets_up_the_same_loader(setup, memory_kb):
     """memory_iterator reads the data, ids path, mode, layout and memory geometry from a run's config."""
-    config = memory_kb["config"].copy_and_resolve_references()
-    config.data.update(path=setup["data"], global_batch_size=BATCH, shuffle_seed=3, seq_len=256)
-    config.retrieval.update(ids_path=str(setup["ids"].directory), mode="online", layout="paper")
-    config.memory.update(per_chunk=SLOTS, chunk_size=CHUNK, ref_len=REF_LEN)
+    config = loader_config(setup, memory_kb, mode="online")
     got = take(memory_iterator(config, "train", setup["refs"], len(setup["sink"])), 2)
     want = take(iterator(setup, "online", setup["refs"]), 2)
     for a, b in zip(got, want, strict=True):

@@ -69,6 +69,7 @@ def test_the_patterns_catch_libtpu_start_up_when_libtpu_is_importable():
     assert any(line.startswith("E0000 ") for line in lines), out.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_cpu_training_run_prints_no_tpu_start_up_lines_and_profiles(lm_data, tmp_path):
     # Three steps of the tiny test model (no eval) on one CPU device at absl's default verbosity, profiling step 2:
     # jax 0.10's profiler crashes (SIGSEGV) in a process where the TPU plugin has been loaded, so the run also fails

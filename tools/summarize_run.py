@@ -1,4 +1,5 @@
-"""Prints a run's loss summary from its metrics.jsonl: train loss first/last, held-out loss per evaluation.
+"""Prints a run's loss summary from its metrics.jsonl: train loss first/last, held-out loss per evaluation, and
+where each invocation of the trainer started (a resumed run has one line per restart) and the spikes it rolled back.
 
     python tools/summarize_run.py --workdir=runs/demo/train
 """
@@ -17,17 +18,30 @@ def main(argv):
     path = Path(_WORKDIR.value) / "metrics.jsonl"
     if not path.exists():
         sys.exit(f"summarize_run: {path} does not exist")
-    train, evals = {}, {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        (train if rec["split"] == "train" else evals)[rec["step"]] = rec
+    splits: dict[str, dict[int, dict]] = {}
+    starts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            split, step = rec["split"], rec["step"]
+        except (ValueError, KeyError, TypeError) as e:
+            sys.exit(f"summarize_run: {path} line {n} is not a metrics record ({e!r})")
+        if split == "start":
+            starts.append(rec)
+        splits.setdefault(split, {})[step] = rec  # a replayed step's later line wins
+    train = splits.get("train", {})
     if not train:
         sys.exit(f"summarize_run: {path} has no train records")
+    for rec in starts:
+        print(f"invocation started at step {rec['step']}" + (" (resumed from its checkpoint)" if rec["resumed"]
+                                                              else " (fresh)"))
     first, last = train[min(train)], train[max(train)]
     print(f"train loss: step {first['step']}: {first['loss']:.3f} -> step {last['step']}: {last['loss']:.3f}  "
           f"({last['tokens_per_s']:.0f} tokens/s, MFU {last['mfu']:.1%})")
-    for step in sorted(evals):
-        print(f"held-out loss at step {step}: {evals[step]['loss']:.3f}")
+    for step, rec in sorted(splits.get("eval", {}).items()):
+        print(f"held-out loss at step {step}: {rec['loss']:.3f}")
+    for step, rec in sorted(splits.get("spike", {}).items()):
+        print(f"loss spike at step {step}: {rec['loss']:.3f} (running mean {rec['running_mean']:.3f}), rolled back")
 
 
 if __name__ == "__main__":

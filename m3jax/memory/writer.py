@@ -23,7 +23,8 @@ Resume. Rows are written in runs that end at shard boundaries (a shard is writte
 to be written), from one background thread while the next batches encode; `MemoryBank.write` sets a row's flag
 once its data is durable. A restarted writer encodes only the units that hold references of
 `unwritten_ranges()` in its slice, and of written rows there whose stored bytes fail their checksums
-(`MemoryBank.verify`, which reads the slice's written rows once).
+(`MemoryBank.verify`, which reads the slice's written rows once). Fault point `after_bank_write` (`m3jax.faults`)
+stops a writer right after its n-th write, for tests of this.
 
 The writer record. `writer.json` at the bank's root records what the bank's metadata does not: the encoding
 (references or windows of W), the compute dtype, and a sha256 of the references (their tokens, lengths and
@@ -45,7 +46,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from m3jax import parallel
+from m3jax import faults, parallel
 from m3jax.memory import bank as bank_lib
 from m3jax.memory.bank import BankMismatchError, MemoryBank
 from m3jax.memory.encode import encode_documents
@@ -180,7 +181,7 @@ class _RunWriter:
         self.rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="bank-write")
         self.in_flight: collections.deque[Future] = collections.deque()
-        self.written = 0
+        self.written, self.writes = 0, 0
 
     def add(self, ref: int, kv: np.ndarray, positions: np.ndarray, tokens: np.ndarray) -> None:
         if self.rows and (ref != self.rows[-1][0] + 1 or ref // self.bank.refs_per_shard
@@ -203,6 +204,8 @@ class _RunWriter:
     def _write(self, start, kv, positions, tokens, n) -> None:
         self.bank.write(start, kv, positions, tokens)
         self.written += n
+        self.writes += 1
+        faults.reached("after_bank_write", self.writes)
 
     def close(self) -> None:
         """Flushes and waits for every write; raises the first write error."""

@@ -3,6 +3,10 @@
 The loop's core trains a task's batches (`m3jax.train.tasks`) and owns what can interrupt a run: the spike guard
 (roll back to the last good checkpoint) and preemption (save and exit). Everything periodic — logging, held-out
 loss, checkpoints, profiling — is a hook (`m3jax.train.hooks`); `train(..., hooks=[...])` adds more.
+
+Each invocation writes a `start` record to metrics.jsonl before its steps (the step it starts at; `resumed`: 1 when
+restored from a checkpoint), so the steps each invocation trained can be told apart. Fault points (`m3jax.faults`)
+after each step and after each checkpoint save begins let tests stop the process exactly there.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import ml_collections
 from absl import logging
 
 from m3jax import checkpoint as ckpt_lib
-from m3jax import parallel
+from m3jax import faults, parallel
 from m3jax.config import ConfigError, differences, resolve, validate
 from m3jax.model import ModelConfig
 from m3jax.model import params as params_lib
@@ -115,7 +119,8 @@ def held_out_loss(trainer: Trainer, batches) -> Callable[[Any], float]:
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, batch_hook=None,
           hooks: Sequence[hooks_lib.Hook] = ()) -> dict:
-    """Runs (or resumes) training in `workdir`; returns a summary (losses, held-out losses, rescues, preemption).
+    """Runs (or resumes) training in `workdir`; returns a summary: the step it started at and the checkpoint step
+    it resumed from (None for a fresh run), losses, held-out losses, rescues, preemption.
 
     `batch_hook(step, local_batch) -> local_batch`, if given, sees every batch before it is trained on (the step
     it is for, counted from 1); tests inject faults with it. `hooks` run after the built-in ones.
@@ -160,6 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batch_hook=None,
     def save(step: int, state) -> None:
         loop_state = {"run_id": run_id, "data": data, "guard": guard.state_dict(), "rescues": rescues}
         ckpt.save(step, state, train_iter.get_state(), config_json, loop_state)
+        faults.reached("after_save_begins", step)
 
     latest = ckpt.latest_step()
     if latest is not None:
@@ -179,9 +185,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batch_hook=None,
     start = int(jax.device_get(state.step))
 
     writer = MetricWriter(workdir)
+    # One record per invocation, ahead of its steps: the step it starts at, and whether a checkpoint gave it.
+    writer.write(start, {"resumed": int(latest is not None)}, prefix="start")
     meter = hooks_lib.Throughput()
-    summary: dict = {"run_id": run_id, "start_step": start, "losses": {}, "eval": {}, "rescues": rescues,
-                     "preempted_at": None}
+    summary: dict = {"run_id": run_id, "start_step": start, "resumed_from": latest, "losses": {}, "eval": {},
+                     "rescues": rescues, "preempted_at": None}
     peak = flops_lib.device_peak_flops()
     # On CPU the measured matmul already uses every core of a process; accelerators count per device.
     total_peak = peak * (nproc if jax.devices()[0].platform == "cpu" else jax.device_count())
@@ -259,6 +267,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batch_hook=None,
                 if guard.enabled:
                     guard.update(loss)
                 run_hooks(hooks_lib.StepInfo(step, state, metrics, step == stop_at))
+                faults.reached("after_step", step)
             # Every process asks at every iteration (rescues included), as JAX's preemption sync requires.
             if preemption.reached(iteration):
                 if step not in ckpt.all_steps():
