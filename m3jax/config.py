@@ -61,6 +61,14 @@ def base_config() -> ml_collections.ConfigDict:
     mem.chunk_size = 64  # tokens per memory group
     mem.per_chunk = 5  # memories (slots) per group
     mem.sink_text = "Reference:"  # the sink is <s> followed by this text, tokenized
+    # Where a run that reads memory (memory.read) gets it; retrieval.mode chooses. bank: the memories stored by
+    # tools/write_memory.py, written by the checkpoint the run starts from (init_from), decoded on device.
+    mem.bank = ""  # the bank's directory (bank mode)
+    mem.bank_codec = "bf16"  # the bank's codec (bf16 | int8): the batch's stored arrays; checked against the bank
+    mem.bank_other_checkpoint = False  # True: read a bank written by another checkpoint than init_from (its age logged)
+    # online: the references' tokens, encoded in every step by the parameters being trained (the paper's way).
+    mem.knowledge = ""  # the knowledge base the ids index (online mode), as tools/write_memory.py --knowledge reads
+    mem.encode_grad = False  # online: gradients flow through the encoding too (default: stop_gradient)
 
     # Retrieval (see m3jax/retrieval/): the sentence embedder, the ScaNN index over a bank's references, the
     # leakage filter, and which references each 64-token chunk of a training sequence reads.
@@ -91,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # a directory written by tools/prepare_data.py
+    c.data.tokenizer = ""  # the SentencePiece model that wrote it (needed by runs that read text: online memory)
     c.data.seq_len = 2048  # must match the data's metadata
     c.data.train_split = "train"
     c.data.eval_split = "heldout"
@@ -174,6 +183,7 @@ def _check(ok: bool, key: str, msg: str) -> None:
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks values against each other. `num_devices` (the global count) enables the mesh check."""
     # The rooms that own a setting's values say what they are (imported here: loading a config stays light).
+    from m3jax.memory.codecs import CODECS
     from m3jax.memory.layout import LAYOUTS
     from m3jax.memory_pipeline import MODES as MEMORY_MODES
     from m3jax.model.config import resolve_memory_kv_heads, resolve_memory_layers
@@ -199,6 +209,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _check(mem.k <= mem.ref_len, "memory.k", f"{mem.k} tokens kept of a {mem.ref_len}-token reference")
     _check(mem.heads or not mem.read, "memory.read", "a run that reads memory needs a model with memory heads "
            "(memory.heads=True)")
+    _check(mem.bank_codec in CODECS, "memory.bank_codec", f"must be one of {sorted(CODECS)}, got {mem.bank_codec!r}")
     if mem.heads:
         for resolve, spec, count in ((resolve_memory_layers, mem.layers, m.num_layers),
                                      (resolve_memory_kv_heads, mem.kv_heads, m.num_kv_heads)):

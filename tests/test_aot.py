@@ -37,14 +37,15 @@ def libtpu():
                     f"does) or pip install -r requirements-tpu.txt")
 
 
-def run_dry_run(*args: str, hide_libtpu: bool = False) -> tuple[subprocess.CompletedProcess, dict]:
-    """The CLI's dry run in a subprocess -> (process, its JSON report)."""
+def run_dry_run(*args: str, hide_libtpu: bool = False,
+                config: str = "configs/memory3_2b.py") -> tuple[subprocess.CompletedProcess, dict]:
+    """The CLI's dry run of `config` in a subprocess -> (process, its JSON report)."""
     cmd = [sys.executable, "-c", HIDE_LIBTPU] if hide_libtpu else [sys.executable, "-m", "m3jax.train"]
     env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     if hide_libtpu:
         env["M3JAX_TPU_EXTRA"] = NO_TPU_EXTRA
-    out = subprocess.run([*cmd, "--config=configs/memory3_2b.py", "--dry_run", *args], cwd=REPO, env=env,
+    out = subprocess.run([*cmd, f"--config={config}", "--dry_run", *args], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=900)
     assert "{" in out.stdout, out.stderr[-3000:]
     return out, json.loads(out.stdout[out.stdout.index("{"):])
@@ -87,6 +88,28 @@ def test_oversized_config_does_not_fit(libtpu):
     assert c["hbm_bytes"] == 16 * GiB and "RESOURCE_EXHAUSTED" in c["compiler_oom"]
     assert c["required_bytes"] > 100 * c["available_bytes"]
     assert report["analytic_memory_per_device_bytes"]["total_bytes"] > 100 * c["hbm_bytes"]
+
+
+# configs/continued.py with a 2-layer model: its memory step in each mode compiles in under a minute (the 2.4B
+# model's takes minutes per mode; the closing note of the continued stage reports its fit).
+SMALL_CONTINUED = ("--config.model.num_layers=2", "--config.model.hidden_size=256", "--config.model.num_heads=4",
+                   "--config.model.num_kv_heads=2", "--config.model.head_dim=64", "--config.model.mlp_dim=512",
+                   "--config.model.vocab_size=4096", "--config.data.seq_len=512", "--config.data.global_batch_size=8")
+
+
+@pytest.mark.slow
+def test_the_continued_stage_compiles_for_a_tpu_slice_in_both_memory_modes(libtpu):
+    """The continued stage's train step (memory read; bank codes decoded on device, or references encoded in the
+    step) compiles for v5p:2x2x1 without data or bank: the batch's memory fields are arguments of the step, the
+    bank's codes (bf16 key/values) larger than the reference tokens the online mode encodes."""
+    compiled = {}
+    for mode in ("bank", "online"):
+        out, report = run_dry_run(*SMALL_CONTINUED, f"--config.retrieval.mode={mode}", "--topology=v5p:2x2x1",
+                                  config="configs/continued.py")
+        assert out.returncode == 0, out.stderr[-3000:]
+        compiled[mode] = c = report["compiled"]
+        assert c["fits"] is True and (c["num_devices"], c["device_kind"]) == (4, "TPU v5"), c
+    assert compiled["bank"]["argument_bytes"] > compiled["online"]["argument_bytes"], compiled
 
 
 @pytest.mark.slow

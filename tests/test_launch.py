@@ -192,8 +192,10 @@ def argv_of(command: str) -> list[str]:
     return out.stdout.split("\0")[:-1]
 
 
-def test_tpu_pod_copies_installs_and_starts_every_worker(tmp_path):
-    r = run_tpu_pod(tmp_path, TPU_NAME="pod", ZONE="us-central2-b", PROJECT="proj")
+@pytest.mark.parametrize("config", ["configs/warmup.py", "configs/continued.py"])
+def test_tpu_pod_copies_installs_and_starts_every_worker(tmp_path, config):
+    args = [config, *TPU_ARGS[1:]]
+    r = run_tpu_pod(tmp_path, args, TPU_NAME="pod", ZONE="us-central2-b", PROJECT="proj")
     assert r.returncode == 0, r.stderr
     calls = [c["args"] for c in read_calls(tmp_path / "calls.jsonl")]
     where = ["--zone=us-central2-b", "--project=proj"]
@@ -203,7 +205,7 @@ def test_tpu_pod_copies_installs_and_starts_every_worker(tmp_path):
     assert scp[:4] == ["compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
     assert scp[5].startswith("pod:/tmp/m3jax-code-") and all(w in scp for w in where)
     packed = (tmp_path / "calls.jsonl.tar").read_text().split()
-    assert "m3jax/parallel.py" in packed and "launch/tpu_pod.sh" in packed
+    assert "m3jax/parallel.py" in packed and "launch/tpu_pod.sh" in packed and config in packed
     assert not any(n.startswith((".venv/", ".git/", "runs/")) for n in packed)
 
     ssh = {int(next(a for a in c if a.startswith("--worker="))[len("--worker="):]): c for c in calls[2:]}
@@ -213,9 +215,9 @@ def test_tpu_pod_copies_installs_and_starts_every_worker(tmp_path):
         command = next(a for a in c if a.startswith("--command="))[len("--command="):]
         assert "pip install --quiet -r requirements.txt -r requirements-tpu.txt" in command
         assert "pip install --quiet --no-deps -e ." in command
-        assert "python -m m3jax.train --config=configs/warmup.py" in command
+        assert f"python -m m3jax.train --config={config}" in command
         assert argv_of(command) == [
-            ".venv/bin/python", "-m", "m3jax.train", "--config=configs/warmup.py", *TPU_ARGS[1:],
+            ".venv/bin/python", "-m", "m3jax.train", f"--config={config}", *TPU_ARGS[1:],
             "--config.distributed.coordinator_address=10.0.0.1:8482", "--config.distributed.num_processes=4",
             f"--config.distributed.process_id={i}"]
         assert (tmp_path / "logs" / f"worker_{i}.log").read_text() == f"hello from worker {i}\n"

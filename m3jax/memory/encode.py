@@ -95,42 +95,48 @@ def encode(params, tokens, lengths, sink_tokens, *, cfg: ModelConfig, k: int, re
     dtype, positions [b, P, Lm, mkv, k] int32), as the module docstring describes.
     """
     with parallel.axis_rules(rules):
-        model = params_lib.model_from(cfg, params)
-        (b, t), p = tokens.shape, sink_tokens.shape[0]
-        pieces = t // ref_len
-        real = jnp.arange(t)[None, :] < lengths[:, None]  # [b, t]
-        full = jnp.concatenate([jnp.broadcast_to(sink_tokens, (b, p)), jnp.where(real, tokens, 0)], axis=1)
-        positions = jnp.broadcast_to(jnp.arange(p + t, dtype=jnp.int32), (b, p + t))
-        segments = jnp.concatenate([jnp.ones((b, p), jnp.int32), real.astype(jnp.int32)], axis=1)
-        heads = np.asarray(cfg.memory_kv_heads, np.int32)
-        piece_real = real.reshape(b * pieces, ref_len)
-        shift = -ref_len * jnp.tile(jnp.arange(pieces, dtype=jnp.int32), b)  # [b·P]: back to the piece's start
+        return encode_with(params_lib.model_from(cfg, params), tokens, lengths, sink_tokens, k=k, ref_len=ref_len)
 
-        def kept_kv(layer, q, keys, values):
-            del layer
 
-            def pieces_of(x):  # [b, p + t, heads, ...] -> [b·P, ref_len, mkv, ...]: the memory heads
-                return x[:, p:].reshape(b * pieces, ref_len, *x.shape[2:])[:, :, heads]
+def encode_with(model: Transformer, tokens, lengths, sink_tokens, *, k: int, ref_len: int):
+    """`encode` by a model object (inside a traced step: the continued stage's online mode encodes with the
+    parameters being trained, and may differentiate through it). Same inputs and outputs as `encode`."""
+    cfg = model.cfg
+    (b, t), p = tokens.shape, sink_tokens.shape[0]
+    pieces = t // ref_len
+    real = jnp.arange(t)[None, :] < lengths[:, None]  # [b, t]
+    full = jnp.concatenate([jnp.broadcast_to(sink_tokens, (b, p)), jnp.where(real, tokens, 0)], axis=1)
+    positions = jnp.broadcast_to(jnp.arange(p + t, dtype=jnp.int32), (b, p + t))
+    segments = jnp.concatenate([jnp.ones((b, p), jnp.int32), real.astype(jnp.int32)], axis=1)
+    heads = np.asarray(cfg.memory_kv_heads, np.int32)
+    piece_real = real.reshape(b * pieces, ref_len)
+    shift = -ref_len * jnp.tile(jnp.arange(pieces, dtype=jnp.int32), b)  # [b·P]: back to the piece's start
 
-            qg = q.reshape(*q.shape[:2], cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
-            keys, values = pieces_of(keys), pieces_of(values)
-            index, kept = select_top_k(pieces_of(qg), keys, piece_real, k)  # [b·P, mkv, k]
+    def kept_kv(layer, q, keys, values):
+        del layer
 
-            def gather(x):  # [b·P, ref_len, mkv, d] -> [b·P, mkv, k, d], zero where not kept
-                x = jnp.take_along_axis(x.transpose(0, 2, 1, 3), index[..., None], axis=2)
-                return jnp.where(kept[..., None], x, jnp.zeros((), x.dtype))
+        def pieces_of(x):  # [b, p + t, heads, ...] -> [b·P, ref_len, mkv, ...]: the memory heads
+            return x[:, p:].reshape(b * pieces, ref_len, *x.shape[2:])[:, :, heads]
 
-            kept_keys = gather(keys)
-            if pieces > 1:
-                kept_keys = rerotate(kept_keys, shift, cfg)
-            return kept_keys, gather(values), jnp.where(kept, p + index, -1)
+        qg = q.reshape(*q.shape[:2], cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
+        keys, values = pieces_of(keys), pieces_of(values)
+        index, kept = select_top_k(pieces_of(qg), keys, piece_real, k)  # [b·P, mkv, k]
 
-        keys, values, kept_pos = model.layer_qkv(full, positions, segments, max(cfg.memory_layers) + 1, kept_kv)
-        layers = np.asarray(cfg.memory_layers)
-        kv = jnp.stack([keys[layers], values[layers]], axis=1)  # [Lm, 2, b·P, mkv, k, d]
-        kv = kv.transpose(2, 0, 1, 3, 4, 5).reshape(b, pieces, *kv.shape[:2], *kv.shape[3:])
-        kept_pos = kept_pos[layers].transpose(1, 0, 2, 3).reshape(b, pieces, len(layers), *kept_pos.shape[2:])
-        return kv, kept_pos.astype(jnp.int32)
+        def gather(x):  # [b·P, ref_len, mkv, d] -> [b·P, mkv, k, d], zero where not kept
+            x = jnp.take_along_axis(x.transpose(0, 2, 1, 3), index[..., None], axis=2)
+            return jnp.where(kept[..., None], x, jnp.zeros((), x.dtype))
+
+        kept_keys = gather(keys)
+        if pieces > 1:
+            kept_keys = rerotate(kept_keys, shift, cfg)
+        return kept_keys, gather(values), jnp.where(kept, p + index, -1)
+
+    keys, values, kept_pos = model.layer_qkv(full, positions, segments, max(cfg.memory_layers) + 1, kept_kv)
+    layers = np.asarray(cfg.memory_layers)
+    kv = jnp.stack([keys[layers], values[layers]], axis=1)  # [Lm, 2, b·P, mkv, k, d]
+    kv = kv.transpose(2, 0, 1, 3, 4, 5).reshape(b, pieces, *kv.shape[:2], *kv.shape[3:])
+    kept_pos = kept_pos[layers].transpose(1, 0, 2, 3).reshape(b, pieces, len(layers), *kept_pos.shape[2:])
+    return kv, kept_pos.astype(jnp.int32)
 
 
 @functools.cache

@@ -6,7 +6,8 @@ ahead-of-time compile's abstract batch (`m3jax.train.aot`); it computes the loss
 tokens; and it opens its own data: the training iterator (with `get_state`/`set_state` for exact resume) and the
 fixed held-out batches.
 
-`LmTask` is next-token prediction on packed documents, the warm-up stage's objective.
+`LmTask` is next-token prediction on packed documents, the warm-up stage's objective. `MemoryTask` is the same
+objective with every chunk reading its retrieved memories (Memory3's continued stage; `memory.read=True`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
+from m3jax import checkpoint as ckpt_lib
+from m3jax import memory_pipeline
 from m3jax.config import ConfigError
 from m3jax.data import pipeline
-from m3jax.model import Transformer
+from m3jax.data.records import read_metadata
+from m3jax.memory import bank as bank_lib
+from m3jax.memory import knowledge as knowledge_lib
+from m3jax.memory import layout as layout_lib
+from m3jax.memory.codecs import get_codec
+from m3jax.memory.encode import encode_with
+from m3jax.model import ModelConfig, Transformer
+from m3jax.model.memory import Memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +113,170 @@ class LmTask(Task):
             num_batches=int(c.train.eval_batches), process_index=process_index, process_count=process_count)
 
 
+class MemoryTask(LmTask):
+    """Next-token prediction where every 64-token chunk reads the memories retrieved for it (the continued stage).
+
+    The batch is the warm-up's (same records, same order) plus the memory inputs of `m3jax.memory_pipeline`:
+    each row's groups and slots, its M = G·R unique reference ids (G = `layout.max_groups(seq_len, chunk_size)`
+    groups, R = `retrieval.refs_per_chunk`), and the memories of those ids, once per row, never once per chunk.
+    `retrieval.mode` chooses where they come from:
+
+    - "bank": the codes stored in `memory.bank` (tools/write_memory.py), gathered by the loader and decoded on
+      device in the compute dtype. The bank must have been written by the checkpoint the run starts from
+      (`init_from`); `memory.bank_other_checkpoint=True` reads one written by another (its age is logged).
+      Memories of a bank do not change while the memory layers train: at step s they are s steps old.
+    - "online": the references' tokens (`memory.knowledge`, tokenized by `data.tokenizer`), encoded in the step by
+      the parameters being trained, through the memory layers only, one forward per unique reference. With
+      `memory.encode_grad=False` (default) the encoding is a constant of the step (stop_gradient): the memory
+      layers learn to read memories, not to write them, as a bank's readers do; True also trains the writing
+      side, at the cost of the encoder's backward pass and of its activations kept for it.
+
+    The schema depends on the config alone (the dry run and the TPU fit check lower a memory step without data);
+    the bank or knowledge base is opened when the data is.
+    """
+
+    name = "memory"
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        self.model_cfg = ModelConfig.from_config(config.model, config.memory)
+        self.mode = str(config.retrieval.mode)
+        if not self.model_cfg.has_memory:
+            raise ConfigError("config.memory.heads: a run that reads memory needs a model with memory heads")
+        self._source = None
+        self._sink: np.ndarray | None = None
+
+    # ------------------------------------------------------------------------------------------- shapes
+    def geometry(self) -> tuple[int, int, int]:
+        """(G memory groups, S slots per group, M unique memories) of one row."""
+        c = self.config
+        groups = layout_lib.max_groups(int(c.data.seq_len), int(c.memory.chunk_size))
+        return groups, int(c.memory.per_chunk), groups * int(c.retrieval.refs_per_chunk)
+
+    def schema(self) -> Schema:
+        schema = super().schema()
+        b, t = int(self.config.data.global_batch_size), int(self.config.data.seq_len)
+        groups, slots, m = self.geometry()
+        cfg = self.model_cfg
+        schema["memory_group"] = Field((b, t), np.int32, ("batch", "seq"))
+        schema["memory_index"] = Field((b, groups, slots), np.int32, ("batch", None, None))
+        schema["memory_ids"] = Field((b, m), np.int32, ("batch", None))
+        if self.mode == "bank":
+            row = bank_lib.row_shape(bank_lib.architecture(cfg))
+            for name, (shape, dtype) in get_codec(self.config.memory.bank_codec).arrays(row).items():
+                schema[memory_pipeline.CODES_PREFIX + name] = Field(
+                    (b, m, *shape), jnp.dtype(dtype), ("batch", *([None] * (len(shape) + 1))))
+            schema["memory_valid"] = Field((b, m, cfg.memory_k), np.bool_, ("batch", None, None))
+        else:
+            schema["memory_tokens"] = Field((b, m, cfg.memory_ref_len), np.int32, ("batch", None, None))
+            schema["memory_lengths"] = Field((b, m), np.int32, ("batch", None))
+        return schema
+
+    # ------------------------------------------------------------------------------------------- loss
+    def memory(self, model: Transformer, batch: dict[str, jax.Array]) -> Memory:
+        """The batch's memories as the model reads them (decoded from the bank, or encoded by `model`)."""
+        cfg, sink = self.model_cfg, jnp.asarray(self.sink_tokens(), jnp.int32)
+        if self.mode == "bank":
+            return memory_pipeline.device_memory(batch, self.config.memory.bank_codec, sink, dtype=cfg.dtype)
+        tokens, lengths = batch["memory_tokens"], batch["memory_lengths"]
+        b, m, ref_len = tokens.shape
+        kv, positions = encode_with(model, tokens.reshape(b * m, ref_len), lengths.reshape(b * m), sink,
+                                    k=cfg.memory_k, ref_len=ref_len)
+        if not self.config.memory.encode_grad:
+            kv = jax.lax.stop_gradient(kv)
+        rows = kv[:, 0].reshape(b, m, *kv.shape[2:])  # [b, M, Lm, 2, mkv, k, d]
+        valid = (positions[:, 0, 0, 0] >= 0).reshape(b, m, -1)  # a short reference pads every layer and head alike
+        return Memory.from_rows(rows, batch["memory_index"], valid, sink)
+
+    def loss(self, model, batch):
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], batch["memory_group"],
+                       self.memory(model, batch))
+        return loss_sums(logits, batch["targets"], batch["loss_weights"].astype(jnp.float32),
+                         float(self.config.loss.z_loss))
+
+    # ------------------------------------------------------------------------------------------- data
+    def sink_tokens(self) -> np.ndarray:
+        """The sink's token ids: the bank's (bank mode) or the tokenizer's (online); opens the source once."""
+        if self._sink is None:
+            self.source()
+        return self._sink
+
+    def stand_in_sink(self, length: int = 4) -> None:
+        """Lowering without data (the dry run, the TPU fit check): a sink of `length` zeros instead of the source's
+        ("<s>Reference:" is 3-5 tokens in the project's tokenizers), so no bank or knowledge base is opened. The
+        step's shapes differ from a real run's by a few key positions."""
+        self._sink = np.zeros(length, np.int32)
+
+    def source(self):
+        """The `MemoryBank` (bank mode) or `References` (online mode) the batches' ids index, opened once."""
+        if self._source is None:
+            self._source, self._sink = (self._open_bank() if self.mode == "bank" else self._open_knowledge())
+        return self._source
+
+    def _data_tokenizer_sha256(self) -> str:
+        return read_metadata(self.config.data.path)["tokenizer_sha256"]
+
+    def _open_bank(self):
+        c = self.config
+        if not c.memory.bank:
+            raise ConfigError("config.memory.bank: retrieval.mode='bank' reads a memory bank; give its directory "
+                              "(tools/write_memory.py --bank) or use retrieval.mode='online'")
+        expect = None
+        if c.init_from:
+            expect = ckpt_lib.checkpoint_identity(ckpt_lib.resolve_step_dir(c.init_from))
+        elif not c.memory.bank_other_checkpoint:
+            raise ConfigError("config.init_from: a bank-mode run must start from the checkpoint that wrote "
+                              f"memory.bank={c.memory.bank!r}; set init_from, or memory.bank_other_checkpoint=True")
+        bank = bank_lib.MemoryBank.open(
+            c.memory.bank, expect_architecture=bank_lib.architecture(self.model_cfg),
+            expect_tokenizer=self._data_tokenizer_sha256(), expect_checkpoint=expect,
+            allow_other_checkpoint=bool(c.memory.bank_other_checkpoint))
+        if bank.metadata["codec"] != c.memory.bank_codec:
+            raise ConfigError(f"config.memory.bank_codec: {c.memory.bank_codec!r}, but bank {bank.path} stores "
+                              f"{bank.metadata['codec']!r}")
+        written = bank.metadata["checkpoint"]
+        logging.info("memory bank %s: %d references written by checkpoint %s step %d; its memories age one step "
+                     "per training step", bank.path, bank.num_refs, written["run_id"], written["step"])
+        return bank, np.asarray(bank.metadata["sink_tokens"], np.int32)
+
+    def _open_knowledge(self):
+        from m3jax.data.tokenizer import Tokenizer
+
+        c = self.config
+        for key in ("memory.knowledge", "data.tokenizer"):
+            section, name = key.split(".")
+            if not c[section][name]:
+                raise ConfigError(f"config.{key}: retrieval.mode='online' encodes the knowledge base's references "
+                                  "in every step; it needs memory.knowledge and data.tokenizer")
+        tokenizer = Tokenizer(c.data.tokenizer)
+        if tokenizer.sha256 != self._data_tokenizer_sha256():
+            raise ConfigError(f"config.data.tokenizer: {c.data.tokenizer} is not the tokenizer that wrote "
+                              f"data.path={c.data.path} (sha256 {tokenizer.sha256[:12]}… vs "
+                              f"{self._data_tokenizer_sha256()[:12]}…)")
+        refs = knowledge_lib.load_references(c.memory.knowledge, tokenizer, int(c.memory.ref_len))
+        return refs, knowledge_lib.sink_tokens(tokenizer, c.memory.sink_text)
+
+    def _iterator(self, split: str, process_index: int, process_count: int, **kwargs):
+        source = self.source()
+        return memory_pipeline.memory_iterator(self.config, split, source, len(self._sink),
+                                               process_index=process_index, process_count=process_count, **kwargs)
+
+    def train_iterator(self, process_index, process_count):
+        return self._iterator(self.config.data.train_split, process_index, process_count)
+
+    def eval_batches(self, process_index, process_count):
+        c = self.config
+        if not c.train.eval_every:
+            return []
+        it = self._iterator(c.data.eval_split, process_index, process_count, num_epochs=1, shuffle=False)
+        batches = []
+        for batch in it:
+            batches.append(batch)
+            if len(batches) == int(c.train.eval_batches):
+                break
+        return batches
+
+
 def task_for(config: ml_collections.ConfigDict) -> Task:
     """The task a config trains: the LM objective, or, when the run reads memory, the memory task."""
-    if config.memory.read:
-        raise ConfigError("config.memory.read: no training task reads memory yet (the continued stage is not "
-                          "built); train with memory.read=False")
-    return LmTask(config)
+    return MemoryTask(config) if config.memory.read else LmTask(config)

@@ -1,0 +1,193 @@
+"""The continued stage (m3jax/train/tasks.py MemoryTask): memories from a bank or encoded in the step, a warm-up
+checkpoint continued with memory, exact resume, and the refusal of a bank another checkpoint wrote."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_invocations
+from test_memory import random_params
+
+from m3jax import checkpoint as ckpt_lib
+from m3jax.config import ConfigError
+from m3jax.memory import bank as bank_lib
+from m3jax.memory import writer
+from m3jax.memory.bank import BankMismatchError
+from m3jax.model import ModelConfig
+from m3jax.model import params as params_lib
+from m3jax.parallel import make_mesh
+from m3jax.train import loop
+from m3jax.train.step import Trainer
+from m3jax.train.tasks import MemoryTask, loss_sums
+
+BATCH = 8
+
+
+def continued_config(memory_kb, kb_retrieval, mode, bank=None):
+    """memory_kb's data, knowledge base and retrieved ids, read in `mode` (bank: `bank`, default memory_kb's)."""
+    c = copy.deepcopy(memory_kb["config"])
+    c.run_name = "continued"
+    c.data.path = memory_kb["data"]
+    c.data.tokenizer = memory_kb["tokenizer"]
+    c.data.global_batch_size = BATCH
+    c.memory.update(read=True, bank=str(bank or memory_kb["bank"]), knowledge=memory_kb["knowledge"])
+    c.retrieval.update(mode=mode, ids_path=kb_retrieval["ids"])
+    c.train.update(eval_every=0, log_every=1)
+    return c
+
+
+def write_bank(memory_kb, path, params, checkpoint):
+    """A bank of memory_kb's references written by `params` (float32 encoding, bf16 codec)."""
+    config = memory_kb["config"]
+    cfg = ModelConfig.from_config(config.model, config.memory)
+    tokenizer_sha = bank_lib.tokenizer_hash(memory_kb["tokenizer"])
+    refs = memory_kb["refs"]
+    bank, _ = writer.open_for_writing(
+        str(path), refs, architecture=bank_lib.architecture(cfg), tokenizer_sha256=tokenizer_sha,
+        checkpoint=checkpoint, sink=memory_kb["sink"], codec="bf16", refs_per_shard=64,
+        record=writer.writer_record(refs, 1, cfg.dtype))
+    writer.write_references(bank, params, cfg, refs, memory_kb["sink"], batch_size=64)
+    return str(path)
+
+
+def first_batch(config, params):
+    trainer = Trainer(config, make_mesh(config.mesh))
+    assert isinstance(trainer.task, MemoryTask)
+    batch = trainer.global_batch(next(trainer.task.train_iterator(0, 1)))
+    return trainer, jax.device_put(params, trainer.param_shardings), batch
+
+
+def mean_loss(trainer, params, batch) -> float:
+    _, (nll, weight) = jax.jit(trainer.loss)(params, batch)
+    return float(nll / weight)
+
+
+def test_bank_and_online_modes_read_the_same_memories(memory_kb, kb_retrieval, tmp_path):
+    """A bank written by parameters P, read in bank mode, and the same references encoded by P in the step (online
+    mode): the same memories up to the bf16 codec, the same first-batch loss up to it, and a loss that memory moves
+    (every slot emptied changes it by far more than the codec's error). Parameters at std 0.15, not the small
+    initialisation, so that reading memory changes the loss measurably."""
+    cfg = ModelConfig.from_config(memory_kb["config"].model, memory_kb["config"].memory)
+    params = random_params(cfg, 7, std=0.15)
+    bank = write_bank(memory_kb, tmp_path / "bank", params, {"run_id": "p", "step": 0})
+    config = continued_config(memory_kb, kb_retrieval, "bank", bank)
+    config.memory.bank_other_checkpoint = True  # P is no checkpoint's: nothing to tie the bank to
+    bank_trainer, p, bank_batch = first_batch(config, params)
+    online_trainer, _, online_batch = first_batch(continued_config(memory_kb, kb_retrieval, "online"), params)
+    for name in ("inputs", "memory_index", "memory_ids"):  # the same rows, reading the same references
+        np.testing.assert_array_equal(bank_batch[name], online_batch[name], err_msg=name)
+
+    model = params_lib.model_from(cfg, p)
+    stored = bank_trainer.task.memory(model, bank_batch)
+    encoded = jax.jit(online_trainer.task.memory)(model, online_batch)
+    np.testing.assert_array_equal(stored.valid, encoded.valid)
+    for name in ("keys", "values"):  # bf16 storage: 8 mantissa bits
+        a, b = np.asarray(getattr(stored, name)), np.asarray(getattr(encoded, name))
+        np.testing.assert_allclose(a, b, rtol=2**-8, atol=1e-6, err_msg=name)
+        assert np.abs(b).max() > 0.1, name  # real memories, not zeros
+
+    bank_loss, online_loss = mean_loss(bank_trainer, p, bank_batch), mean_loss(online_trainer, p, online_batch)
+    empty = {**bank_batch, "memory_index": jax.numpy.full_like(bank_batch["memory_index"], -1)}
+    no_memory_loss = mean_loss(bank_trainer, p, empty)
+    gap = abs(bank_loss - online_loss)
+    assert gap < 1e-3 * bank_loss, (bank_loss, online_loss)
+    assert abs(no_memory_loss - bank_loss) > 20 * max(gap, 1e-6), (bank_loss, online_loss, no_memory_loss)
+
+
+@pytest.fixture(scope="module")
+def warm_start(memory_kb, kb_retrieval, tmp_path_factory):
+    """A 4-step warm-up run on memory_kb's data (LM task, checkpoint 4) and the bank its checkpoint wrote."""
+    root = tmp_path_factory.mktemp("continued")
+    config = continued_config(memory_kb, kb_retrieval, "bank")
+    config.memory.read = False
+    config.run_name = "warmup"
+    config.train.update(num_steps=4, checkpoint_every=4)
+    loop.train(config, str(root / "warmup"))
+    step_dir = ckpt_lib.resolve_step_dir(root / "warmup")
+    loaded = ckpt_lib.load_model(step_dir)
+    bank = write_bank(memory_kb, root / "bank", loaded.params, loaded.identity)
+    return {"root": root, "checkpoint": str(step_dir), "bank": bank}
+
+
+def continued_run_config(memory_kb, kb_retrieval, warm_start, **train):
+    c = continued_config(memory_kb, kb_retrieval, "bank", warm_start["bank"])
+    c.init_from = warm_start["checkpoint"]
+    c.train.update(num_steps=6, checkpoint_every=3, **train)
+    return c
+
+
+@pytest.mark.slow
+def test_continued_run_from_the_warmup_checkpoint_resumes_exactly(memory_kb, kb_retrieval, warm_start, tmp_path):
+    """Bank mode from the warm-up checkpoint that wrote the bank: 6 steps straight, and 3 + 3 with a resume in
+    between (parameters from the run's checkpoint, the loader's state with them): the same losses, bit for bit."""
+    straight = loop.train(continued_run_config(memory_kb, kb_retrieval, warm_start), str(tmp_path / "straight"))
+    assert straight["resumed_from"] is None and sorted(straight["losses"]) == list(range(1, 7))
+    assert all(np.isfinite(list(straight["losses"].values())))
+
+    split = tmp_path / "split"
+    loop.train(continued_run_config(memory_kb, kb_retrieval, warm_start, stop_at=3), str(split))
+    resumed = loop.train(continued_run_config(memory_kb, kb_retrieval, warm_start), str(split))
+    assert resumed["resumed_from"] == 3
+    assert_invocations(split, [(0, False, 3), (3, True, 6)], straight["losses"])
+
+    # It started from the warm-up parameters: its first loss is the warm-up model's on that batch with memory,
+    # far below an untrained model's ln(vocab).
+    assert straight["losses"][1] < np.log(memory_kb["config"].model.vocab_size) - 0.5, straight["losses"]
+
+
+def test_a_bank_of_another_checkpoint_is_refused_unless_allowed(memory_kb, kb_retrieval, warm_start, tmp_path):
+    """memory_kb's bank was written by fresh parameters, not by the warm-up checkpoint the run starts from: the run
+    stops naming the bank and both checkpoints; memory.bank_other_checkpoint=True reads it."""
+    config = continued_run_config(memory_kb, kb_retrieval, warm_start)
+    config.memory.bank = memory_kb["bank"]
+    named = r"memory bank \S+: checkpoint: bank \{'run_id': 'fresh'.*expected \{'run_id': 'warmup-"
+    with pytest.raises(BankMismatchError, match=named):
+        MemoryTask(config).source()
+    config.memory.bank_other_checkpoint = True
+    assert MemoryTask(config).source().num_refs == len(memory_kb["refs"])
+
+    config.memory.bank, config.memory.bank_other_checkpoint = "", False
+    with pytest.raises(ConfigError, match="config.memory.bank"):
+        MemoryTask(config).source()
+
+
+def mean_objective(trainer, batch):
+    """params -> the task's mean objective on `batch` (what the train step differentiates)."""
+    def objective(params):
+        total, (_, weight) = trainer.loss(params, batch)
+        return total / weight
+    return objective
+
+
+@pytest.mark.slow
+def test_online_encoding_is_a_constant_of_the_step_unless_encode_grad(memory_kb, kb_retrieval):
+    """Online mode's gradient with memory.encode_grad=False is the gradient of the loss with the memories as
+    constants (encoded outside the differentiated function); encode_grad=True adds the encoder's path, which
+    changes the gradient of the memory layers' parameters."""
+    cfg = ModelConfig.from_config(memory_kb["config"].model, memory_kb["config"].memory)
+    params = random_params(cfg, 3, std=0.15)
+    trainer, p, batch = first_batch(continued_config(memory_kb, kb_retrieval, "online"), params)
+    task = trainer.task
+    constant = task.memory(params_lib.model_from(cfg, p), batch)
+
+    def loss_with(memory):
+        def loss(q):
+            logits = params_lib.model_from(cfg, q)(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                                   batch["memory_group"], memory)
+            total, _, weight = loss_sums(logits, batch["targets"], batch["loss_weights"].astype(jnp.float32), 0.0)
+            return total / weight
+        return loss
+
+    want = jax.jit(jax.grad(loss_with(constant)))(p)
+    got = jax.jit(jax.grad(mean_objective(trainer, batch)))(p)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+    config = continued_config(memory_kb, kb_retrieval, "online")
+    config.memory.encode_grad = True
+    through = Trainer(config, make_mesh(config.mesh))
+    full = jax.jit(jax.grad(mean_objective(through, batch)))(p)
+    differ = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), full, got)
+    assert differ["layers"]["wk"] > 1e-6, differ  # the encoder's keys come from the memory layers' projections
