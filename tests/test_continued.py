@@ -2,6 +2,7 @@
 checkpoint continued with memory, exact resume, and the refusal of a bank another checkpoint wrote."""
 
 import copy
+import json
 
 import jax
 import jax.numpy as jnp
@@ -112,9 +113,12 @@ def warm_start(memory_kb, kb_retrieval, tmp_path_factory):
 
 
 def continued_run_config(memory_kb, kb_retrieval, warm_start, **train):
+    """Bank mode from the warm-up checkpoint that wrote the bank, 6 steps, evaluated at 0 and 6 on one batch of
+    the train split (the only split with retrieved ids here)."""
     c = continued_config(memory_kb, kb_retrieval, "bank", warm_start["bank"])
     c.init_from = warm_start["checkpoint"]
-    c.train.update(num_steps=6, checkpoint_every=3, **train)
+    c.data.eval_split = "train"
+    c.train.update(num_steps=6, checkpoint_every=3, eval_every=6, eval_batches=1, **train)
     return c
 
 
@@ -135,6 +139,25 @@ def test_continued_run_from_the_warmup_checkpoint_resumes_exactly(memory_kb, kb_
     # It started from the warm-up parameters: its first loss is the warm-up model's on that batch with memory,
     # far below an untrained model's ln(vocab).
     assert straight["losses"][1] < np.log(memory_kb["config"].model.vocab_size) - 0.5, straight["losses"]
+
+    # Held-out metrics side by side at steps 0 and 6: with memory, every slot empty, memory off. At step 0 (the
+    # warm-up parameters) memory off is the plain language model on the same rows at their own positions.
+    evals = [r for r in map(json.loads, (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines())
+             if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 6]
+    assert all(set(r) >= {"loss", "loss_empty_memory", "loss_memory_off"} for r in evals), evals
+    config = continued_run_config(memory_kb, kb_retrieval, warm_start)
+    task = MemoryTask(config)
+    batch = task.eval_batches(0, 1)[0]
+    cfg = task.model_cfg
+    params = ckpt_lib.load_model(warm_start["checkpoint"]).params
+    start = cfg.context_start(len(task.sink_tokens()))
+    logits = params_lib.model_from(cfg, params)(batch["inputs"], batch["positions"] - start, batch["segment_ids"])
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64)[..., : cfg.vocab_size], -1)
+    nll = -np.take_along_axis(np.asarray(logp), batch["targets"][..., None], -1)[..., 0]
+    plain = float(np.sum(nll * batch["loss_weights"]) / np.sum(batch["loss_weights"]))
+    assert evals[0]["loss_memory_off"] == pytest.approx(plain, rel=1e-4)
+    assert evals[0]["loss_memory_off"] != evals[0]["loss_empty_memory"]  # the sink and the shifted positions
 
 
 def test_a_bank_of_another_checkpoint_is_refused_unless_allowed(memory_kb, kb_retrieval, warm_start, tmp_path):

@@ -89,15 +89,19 @@ def log_hook(every: int, writer, meter: Throughput, summary: dict, *, tokens_per
     return Hook(fn, every)
 
 
-def eval_hook(every: int, evaluate: Callable[[Any], float], writer, summary: dict, prefix: str = "eval") -> Hook:
-    """`evaluate(params) -> loss` every `every` steps, at the end, and at step 0 of a fresh run."""
+def eval_hook(every: int, evaluate: Callable[[Any], dict[str, float]], writer, summary: dict,
+              prefix: str = "eval") -> Hook:
+    """`evaluate(params) -> {"loss": ..., variants...}` every `every` steps, at the end, and at step 0 of a fresh
+    run: one line (stdout, metrics.jsonl, TensorBoard) with every metric side by side. The summary keeps
+    summary[prefix][step] = the loss, and summary[f"{prefix}/{name}"][step] for each variant."""
 
     def fn(info: StepInfo) -> None:
         if info.metrics is None and info.step != 0:
             return  # a resumed run evaluated its start already
-        loss = evaluate(info.state.params)
-        writer.write(info.step, {"loss": loss}, prefix=prefix)
-        summary.setdefault(prefix, {})[info.step] = loss
+        losses = evaluate(info.state.params)
+        writer.write(info.step, losses, prefix=prefix)
+        for name, value in losses.items():
+            summary.setdefault(prefix if name == "loss" else f"{prefix}/{name}", {})[info.step] = value
 
     return Hook(fn, every, at_start=True)
 

@@ -103,16 +103,19 @@ def describe_model(config: ml_collections.ConfigDict) -> dict:
     }
 
 
-def held_out_loss(trainer: Trainer, batches) -> Callable[[Any], float]:
-    """params -> the mean loss over the fixed held-out `batches` (this process's rows of each)."""
+def held_out_loss(trainer: Trainer, batches) -> Callable[[Any], dict[str, float]]:
+    """params -> the task's held-out metrics ("loss" and its variants, `Task.eval_sums`), each the mean over the
+    fixed held-out `batches` (this process's rows of each)."""
 
-    def evaluate(params) -> float:
-        nll, weight = 0.0, 0.0
+    def evaluate(params) -> dict[str, float]:
+        sums: dict[str, list[float]] = {}
         for batch in batches:
             out = jax.device_get(trainer.eval_step(params, trainer.global_batch(batch)))
-            nll += float(out["nll_sum"])
-            weight += float(out["weight"])
-        return nll / max(weight, 1.0)
+            for name, s in out.items():
+                acc = sums.setdefault(name, [0.0, 0.0])
+                acc[0] += float(s["nll_sum"])
+                acc[1] += float(s["weight"])
+        return {name: nll / max(weight, 1.0) for name, (nll, weight) in sums.items()}
 
     return evaluate
 

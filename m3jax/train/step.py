@@ -144,14 +144,15 @@ class Trainer:
 
     def _eval_step_impl(self, params, batch):
         with parallel.axis_rules(self.rules):
-            _, (nll, weight) = self.loss(params, batch)
-            return {"nll_sum": nll, "weight": weight}
+            sums = self.task.eval_sums(params_lib.model_from(self.model_cfg, params), batch)
+            return {name: {"nll_sum": nll, "weight": weight} for name, (nll, weight) in sums.items()}
 
     def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         with jax.set_mesh(self.mesh):
             return self._train_step(state, batch)
 
     def eval_step(self, params, batch) -> dict:
+        """{metric: {"nll_sum", "weight"}} of the task's held-out metrics (`Task.eval_sums`) on a global batch."""
         with jax.set_mesh(self.mesh):
             return self._eval_step(params, batch)
 

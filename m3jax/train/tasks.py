@@ -73,6 +73,12 @@ class Task(abc.ABC):
     def loss(self, model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(objective, cross-entropy, weight): float32 sums over the batch's tokens (the step divides by weight)."""
 
+    def eval_sums(self, model: Transformer, batch: dict[str, jax.Array]) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """Held-out metrics of a batch: name -> (cross-entropy sum, weight). "loss" is the task's own; a task may
+        add variants of it, evaluated side by side on the same batches and parameters."""
+        _, nll, weight = self.loss(model, batch)
+        return {"loss": (nll, weight)}
+
     @abc.abstractmethod
     def train_iterator(self, process_index: int, process_count: int):
         """This process's rows of every training batch, forever; `get_state()`/`set_state()` resume it exactly."""
@@ -193,6 +199,20 @@ class MemoryTask(LmTask):
                        self.memory(model, batch))
         return loss_sums(logits, batch["targets"], batch["loss_weights"].astype(jnp.float32),
                          float(self.config.loss.z_loss))
+
+    def eval_sums(self, model, batch):
+        """The loss with memory, and on the same batches and weights: with every memory slot empty (the sink and
+        positions kept: what the memories themselves add) and with memory off (the plain model, positions from 0:
+        what the memory-reading model does without its memory input)."""
+        z_loss = float(self.config.loss.z_loss)
+        targets, weights = batch["targets"], batch["loss_weights"].astype(jnp.float32)
+        out = {"loss": self.loss(model, batch)[1:]}
+        empty = {**batch, "memory_index": jnp.full_like(batch["memory_index"], -1)}
+        out["loss_empty_memory"] = self.loss(model, empty)[1:]
+        start = self.model_cfg.context_start(len(self.sink_tokens()))
+        logits = model(batch["inputs"], batch["positions"] - start, batch["segment_ids"])
+        out["loss_memory_off"] = loss_sums(logits, targets, weights, z_loss)[1:]
+        return out
 
     # ------------------------------------------------------------------------------------------- data
     def sink_tokens(self) -> np.ndarray:
