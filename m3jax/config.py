@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     # online: the references' tokens, encoded in every step by the parameters being trained (the paper's way).
     mem.knowledge = ""  # the knowledge base the ids index (online mode), as tools/write_memory.py --knowledge reads
     mem.encode_grad = False  # online: gradients flow through the encoding too (default: stop_gradient)
+    # The shuffled-memory control: every retrieved id mapped through a fixed random permutation of the references
+    # (same slots and counts, random content). The memory-off control is memory.read=False with the same settings.
+    mem.shuffle_references = False
 
     # Retrieval (see m3jax/retrieval/): the sentence embedder, the ScaNN index over a bank's references, the
     # leakage filter, and which references each 64-token chunk of a training sequence reads.
@@ -302,6 +305,7 @@ def resolve(c: ml_collections.ConfigDict, *, saved: dict | None = None, log=None
 
     - `model.vocab_size = -1`: from `saved` (the config saved with a checkpoint the job loads) when given, else
       from the data's tokenizer (`data.path`).
+    - Local paths of the data, its tokenizer, the memory bank and the retrieved ids become absolute.
     - With `data.path`: the data must hold `data.seq_len`-token records and a vocabulary the model covers, and
       its training split at least one global batch (an error naming the key otherwise). The held-out split's
       size settles the held-out loss: `train.eval_batches` is cut to the global batches it holds, and a run
@@ -318,9 +322,10 @@ def resolve(c: ml_collections.ConfigDict, *, saved: dict | None = None, log=None
             c.model.vocab_size = int(saved["model"]["vocab_size"])
     if not c.data.path:
         return None
-    if "://" not in c.data.path:  # a local directory: the same data whatever the working directory
-        with c.unlocked():
-            c.data.path = os.path.abspath(c.data.path)
+    with c.unlocked():  # local paths: the same files whatever the working directory (a resume compares them)
+        for section, key in (("data", "path"), ("data", "tokenizer"), ("memory", "bank"), ("retrieval", "ids_path")):
+            if c[section][key] and "://" not in c[section][key]:
+                c[section][key] = os.path.abspath(c[section][key])
     meta = read_metadata(c.data.path)
     with c.unlocked():
         if c.model.vocab_size == -1:

@@ -45,10 +45,19 @@ MODES = ("bank", "online")
 CODES_PREFIX = "memory_codes/"
 
 
+def shuffled_references(num_refs: int, seed: int) -> np.ndarray:
+    """The shuffled-memory control's map of reference ids: a fixed random permutation of [0, num_refs) (seeded),
+    so a chunk reads a random reference instead of its retrieved one, the same one every epoch and on every
+    process, with as many memories, slots and unique ids as the retrieved layout."""
+    return np.random.default_rng([seed, 0x5EED]).permutation(num_refs).astype(np.int32)
+
+
 def _add_slots(record: dict, ids: RetrievedIds, *, layout: str, slots: int, chunk_size: int,
-               context_start: int) -> dict:
+               context_start: int, permutation: np.ndarray | None = None) -> dict:
     """One record -> the record with its memory groups, slots and unique ids (positions shifted)."""
     refs = ids[record["record"]]  # [G, R]
+    if permutation is not None:
+        refs = np.where(refs >= 0, permutation[np.maximum(refs, 0)], -1)
     num_groups = refs.shape[0]
     group, _ = layout_lib.chunk_groups(record["segment_ids"], chunk_size, num_groups)
     starts, stops = layout_lib.group_spans(group, num_groups)
@@ -99,11 +108,13 @@ def make_memory_iterator(
     shuffle: bool = True,
     worker_count: int = 0,
     prefetch: int = 2,
+    shuffle_references: bool = False,
 ) -> grain.DatasetIterator:
     """An iterator of this process's memory-augmented batches (the module docstring).
 
     ids: the split's retrieved reference ids; source: a `MemoryBank` ("bank") or `References` ("online");
-    slots = memory.per_chunk (S), sink_len = p, ref_len: the memory positions' span.
+    slots = memory.per_chunk (S), sink_len = p, ref_len: the memory positions' span. shuffle_references: the
+    shuffled-memory control (`shuffled_references`, seeded by `seed`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -131,8 +142,9 @@ def make_memory_iterator(
                          f"{data_dir} holds {split_records:,}: retrieve this split again")
     local = local_batch_size(global_batch_size, process_index, process_count)
     ds = global_records(data_dir, split, global_batch_size, seed, num_epochs, shuffle, with_index=True)
+    permutation = shuffled_references(num_refs, seed) if shuffle_references else None
     ds = ds.map(functools.partial(_add_slots, ids=ids, layout=layout, slots=slots, chunk_size=chunk_size,
-                                  context_start=sink_len + ref_len))
+                                  context_start=sink_len + ref_len, permutation=permutation))
     ds = process_batches(ds, local, process_index, process_count)
     ds = ds.map(functools.partial(_add_memories, mode=mode, source=source))
     return iterate(ds, prefetch, worker_count)
@@ -155,7 +167,8 @@ def memory_iterator(config, split: str, source, sink_len: int, *, process_index:
                     num_epochs: int | None = None, shuffle: bool = True) -> grain.DatasetIterator:
     """`make_memory_iterator` as a run's config sets it up: the data (`config.data`), the retrieved ids
     (`retrieval.ids_path`, default DATA/retrieval-SPLIT), the mode and slot layout (`retrieval.mode`,
-    `retrieval.layout`), and the memory geometry (`memory.per_chunk`, `chunk_size`, `ref_len`). source: the bank
+    `retrieval.layout`), the memory geometry (`memory.per_chunk`, `chunk_size`, `ref_len`) and the
+    shuffled-memory control (`memory.shuffle_references`). source: the bank
     (bank mode) or the knowledge base's `References` (online mode); sink_len: the sink's tokens (p)."""
     d, r, mem = config.data, config.retrieval, config.memory
     ids_path = r.ids_path or os.path.join(d.path, f"retrieval-{split}")
@@ -165,4 +178,4 @@ def memory_iterator(config, split: str, source, sink_len: int, *, process_index:
         chunk_size=int(mem.chunk_size), sink_len=sink_len, ref_len=int(mem.ref_len),
         global_batch_size=int(d.global_batch_size), seed=int(d.shuffle_seed), process_index=process_index,
         process_count=process_count, num_epochs=num_epochs, shuffle=shuffle, worker_count=int(d.worker_count),
-        prefetch=int(d.prefetch))
+        prefetch=int(d.prefetch), shuffle_references=bool(mem.shuffle_references))

@@ -265,3 +265,26 @@ def test_mismatches_are_named(setup, memory_kb):
     with pytest.raises(ValueError, match="cover"):
         make_memory_iterator(setup["data"], "heldout", setup["ids"], setup["bank"], mode="bank", layout="paper",
                              slots=SLOTS, chunk_size=CHUNK, sink_len=3, ref_len=REF_LEN, global_batch_size=2, seed=0)
+
+
+def test_shuffled_memory_control_reads_a_fixed_random_reference_per_retrieved_one(setup):
+    """memory.shuffle_references: each retrieved id r becomes π(r) for one seeded permutation π of the bank's
+    references (a permutation: distinct ids stay distinct, so slots and counts are the retrieved layout's); the
+    records, their order and the slot structure are unchanged, and the codes are those of π(r)."""
+    n = setup["bank"].num_refs
+    pi = memory_pipeline.shuffled_references(n, 3)
+    assert sorted(pi.tolist()) == list(range(n)) and (pi != np.arange(n)).mean() > 0.9
+    np.testing.assert_array_equal(pi, memory_pipeline.shuffled_references(n, 3))  # fixed by the seed
+    assert not np.array_equal(pi, memory_pipeline.shuffled_references(n, 4))
+    for plain, control in zip(take(iterator(setup), 2), take(iterator(setup, shuffle_references=True), 2),
+                              strict=True):
+        for name in ("record", "inputs", "targets", "positions", "memory_group"):
+            np.testing.assert_array_equal(plain[name], control[name], err_msg=name)
+        for row in range(BATCH):  # each group reads π of what it reads without the control, nothing else
+            for g, (a, b) in enumerate(zip(plain["memory_index"][row], control["memory_index"][row], strict=True)):
+                reads = {int(pi[plain["memory_ids"][row][s]]) for s in a if s >= 0}
+                assert {int(control["memory_ids"][row][s]) for s in b if s >= 0} == reads, (row, g)
+                assert (b >= 0).sum() == (a >= 0).sum()
+        codes, _ = setup["bank"].gather_codes(control["memory_ids"])
+        np.testing.assert_array_equal(control[CODES_PREFIX + "memory"].view(np.uint16),
+                                      codes["memory"].view(np.uint16))

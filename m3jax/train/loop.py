@@ -41,6 +41,9 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: state saved on a preemption notice; 
 RESUME_KEYS = (
     *(f"model.{k}" for k in ARCHITECTURE_FIELDS),
     *(f"memory.{k}" for k in ("heads", "layers", "kv_heads", "k", "ref_len", "chunk_size")),
+    # what the continued stage reads: whether and how (a control run must not resume as the run it controls)
+    *(f"memory.{k}" for k in ("read", "per_chunk", "bank", "shuffle_references")),
+    "retrieval.mode", "retrieval.layout", "retrieval.ids_path", "retrieval.refs_per_chunk",
     "seed", "data.path", "data.train_split", "data.seq_len", "data.global_batch_size", "data.shuffle_seed",
     "data.tokenizer_sha256", "data.train_records",
 )
