@@ -3,12 +3,15 @@ checkpoint continued with memory, exact resume, and the refusal of a bank anothe
 
 import copy
 import json
+import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_invocations
+from conftest import REPO, assert_invocations
+from test_launch import cpu_env
 from test_memory import random_params
 
 from m3jax import checkpoint as ckpt_lib
@@ -122,13 +125,21 @@ def continued_run_config(memory_kb, kb_retrieval, warm_start, **train):
     return c
 
 
+@pytest.fixture(scope="module")
+def straight(memory_kb, kb_retrieval, warm_start, tmp_path_factory):
+    """The uninterrupted 6-step continued run (in-process, 8 devices): its workdir and summary."""
+    workdir = tmp_path_factory.mktemp("straight")
+    summary = loop.train(continued_run_config(memory_kb, kb_retrieval, warm_start), str(workdir))
+    assert summary["resumed_from"] is None and sorted(summary["losses"]) == list(range(1, 7))
+    assert all(np.isfinite(list(summary["losses"].values())))
+    return {"workdir": workdir, **summary}
+
+
 @pytest.mark.slow
-def test_continued_run_from_the_warmup_checkpoint_resumes_exactly(memory_kb, kb_retrieval, warm_start, tmp_path):
+def test_continued_run_from_the_warmup_checkpoint_resumes_exactly(memory_kb, kb_retrieval, warm_start, straight,
+                                                                   tmp_path):
     """Bank mode from the warm-up checkpoint that wrote the bank: 6 steps straight, and 3 + 3 with a resume in
     between (parameters from the run's checkpoint, the loader's state with them): the same losses, bit for bit."""
-    straight = loop.train(continued_run_config(memory_kb, kb_retrieval, warm_start), str(tmp_path / "straight"))
-    assert straight["resumed_from"] is None and sorted(straight["losses"]) == list(range(1, 7))
-    assert all(np.isfinite(list(straight["losses"].values())))
 
     split = tmp_path / "split"
     loop.train(continued_run_config(memory_kb, kb_retrieval, warm_start, stop_at=3), str(split))
@@ -142,7 +153,7 @@ def test_continued_run_from_the_warmup_checkpoint_resumes_exactly(memory_kb, kb_
 
     # Held-out metrics side by side at steps 0 and 6: with memory, every slot empty, memory off. At step 0 (the
     # warm-up parameters) memory off is the plain language model on the same rows at their own positions.
-    evals = [r for r in map(json.loads, (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines())
+    evals = [r for r in map(json.loads, (straight["workdir"] / "metrics.jsonl").read_text().splitlines())
              if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [0, 6]
     assert all(set(r) >= {"loss", "loss_empty_memory", "loss_memory_off"} for r in evals), evals
@@ -158,6 +169,26 @@ def test_continued_run_from_the_warmup_checkpoint_resumes_exactly(memory_kb, kb_
     plain = float(np.sum(nll * batch["loss_weights"]) / np.sum(batch["loss_weights"]))
     assert evals[0]["loss_memory_off"] == pytest.approx(plain, rel=1e-4)
     assert evals[0]["loss_memory_off"] != evals[0]["loss_empty_memory"]  # the sink and the shifted positions
+
+
+@pytest.mark.slow
+def test_two_processes_through_the_local_launcher_equal_one(memory_kb, kb_retrieval, warm_start, straight,
+                                                            tmp_path):
+    """launch/local.sh with 2 processes (4 CPU devices each) runs the same continued stage from the command line:
+    each process gathers its own rows' memories from the bank; every step's loss equals the 1-process run's up to
+    cross-process float rounding."""
+    workdir = tmp_path / "run"
+    flags = [f"--workdir={workdir}", "--verbosity=0", "--config.run_name=continued", "--config.data.seq_len=256",
+             f"--config.data.global_batch_size={BATCH}", f"--config.data.path={memory_kb['data']}",
+             "--config.data.eval_split=train", "--config.memory.read=True",
+             f"--config.memory.bank={warm_start['bank']}", f"--config.retrieval.ids_path={kb_retrieval['ids']}",
+             f"--config.init_from={warm_start['checkpoint']}",
+             "--config.train.num_steps=6", "--config.train.checkpoint_every=3", "--config.train.eval_every=6",
+             "--config.train.eval_batches=1", "--config.train.log_every=1"]
+    r = subprocess.run([shutil.which("bash"), "launch/local.sh", "tests/lm_test_config.py", *flags], cwd=REPO,
+                       env=cpu_env(4, NUM_PROCESSES="2"), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:] + (workdir / "logs" / "process_1.log").read_text()[-3000:]
+    assert_invocations(workdir, [(0, False, 6)], straight["losses"], rtol=1e-5)
 
 
 def test_a_bank_of_another_checkpoint_is_refused_unless_allowed(memory_kb, kb_retrieval, warm_start, tmp_path):
