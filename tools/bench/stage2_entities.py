@@ -1,0 +1,251 @@
+"""The stage-2 entity experiment end to end on CPU: does a model continued with memory read facts it never
+trained on?
+
+    python tools/bench/stage2_entities.py --workdir=runs/stage2_entities [--reuse] [--num_entities=300 ...]
+
+Stages (real components; each one's wall time is measured and kept in WORKDIR/stages/, and `--reuse` skips a
+stage whose record exists):
+  entities   tools/make_entities.py: fictional people; held-out ones exist only in the knowledge base
+  tokenizer  tools/train_tokenizer.py on the training text
+  data       tools/prepare_data.py at seq_len 256
+  warmup     configs/demo.py's model, LM objective, --warmup_steps
+  bank       tools/write_memory.py: the knowledge base's memories, written by the warm-up checkpoint
+  index      tools/build_index.py;  retrieve: tools/retrieve.py (the train split's reference ids)
+  stage2_memory  configs/continued_demo.py (bank mode) from the warm-up checkpoint, --stage2_steps
+  stage2_off     the control: the same init, steps, data order and schedule, memory.read=False
+  bank_*     banks rewritten by each stage-2 checkpoint (the "rewritten" rows)
+  cloze      m3jax/infer/cloze.py on --eval_entities held-out and training entities, every arm, every model
+
+Prints a table of exact-match accuracy per arm (retrieved, oracle, shuffled, empty, off) and the retrieval
+recall@1, and writes WORKDIR/results.json (per attribute too). A stage-2 model is evaluated with the warm-up's
+bank (what it trained with; its memories are --stage2_steps old) and with a bank its own checkpoint rewrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags, logging
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/stage2_entities", "Where every stage writes.")
+_REUSE = flags.DEFINE_bool("reuse", False, "Skip the stages already finished in --workdir.")
+_NUM_ENTITIES = flags.DEFINE_integer("num_entities", 300, "Fictional people (20% held out).", lower_bound=10)
+_BIOS = flags.DEFINE_integer("bios_per_entity", 4, "Biographies per training entity.", lower_bound=1)
+_MIX_RATIO = flags.DEFINE_float("mix_ratio", 1.0, "Fraction of the training text that is bios (the rest: the "
+                                "embedded corpus).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 2048, "Tokenizer vocabulary.", lower_bound=300)
+_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 150, "Warm-up (LM) training steps.", lower_bound=1)
+_STAGE2_STEPS = flags.DEFINE_integer("stage2_steps", 60, "Stage-2 steps (memory run and its control).",
+                                     lower_bound=1)
+_K = flags.DEFINE_integer("k", 8, "memory.k: tokens kept per memory per memory KV head.", lower_bound=1)
+_LAYERS = flags.DEFINE_string("memory_layers", "first_half", "memory.layers: first_half, all, or indices.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the entities, the model's init and the data order.")
+_EVAL_ENTITIES = flags.DEFINE_integer("eval_entities", 50, "Entities of each split (held out, training) whose "
+                                      "cloze items are evaluated.", lower_bound=2)
+_GEN_STEPS = flags.DEFINE_integer("gen_tokens", 6, "Greedy tokens generated per prompt.", lower_bound=1)
+_TRAIN_BATCH = flags.DEFINE_integer("batch_size", 8, "Training sequences (of 256 tokens) per step.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("eval_batch", 64, "Prompts per generation batch.", lower_bound=1)
+
+ARM_ORDER = ("retrieved", "oracle", "shuffled", "empty", "off")
+
+
+class Bench:
+    def __init__(self, workdir: Path):
+        self.dir = workdir
+        self.stages = workdir / "stages"
+        self.stages.mkdir(parents=True, exist_ok=True)
+        self.seconds: dict[str, float] = {}
+        self.current = ""
+
+    def path(self, *parts) -> str:
+        return str(self.dir.joinpath(*parts))
+
+    def stage(self, name: str, fn) -> None:
+        """Run `fn` unless --reuse finds the stage's record; record its wall time."""
+        record = self.stages / f"{name}.json"
+        if _REUSE.value and record.exists():
+            self.seconds[name] = json.loads(record.read_text())["seconds"]
+            print(f"== {name}: reused ({self.seconds[name]:.0f} s when it ran)", flush=True)
+            return
+        print(f"== {name}", flush=True)
+        self.current = name
+        t0 = time.perf_counter()
+        fn()
+        self.seconds[name] = time.perf_counter() - t0
+        record.write_text(json.dumps({"seconds": self.seconds[name]}))
+        print(f"   {name}: {self.seconds[name]:.0f} s", flush=True)
+
+    def run(self, *args: str) -> None:
+        """A repository tool or module in a subprocess (one CPU device); its output goes to WORKDIR/logs."""
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+        env.pop("XLA_FLAGS", None)
+        log = self.dir / "logs" / f"{self.current}.log"
+        log.parent.mkdir(exist_ok=True)
+        with open(log, "w") as f:
+            done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        if done.returncode:
+            tail = log.read_text()[-3000:]
+            sys.exit(f"stage2_entities: {' '.join(args[:2])} failed (exit {done.returncode}); {log}:\n{tail}")
+
+
+def memory_flags() -> list[str]:
+    return [f"--config.memory.k={_K.value}", f"--config.memory.layers={_LAYERS.value}"]
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    workdir = Path(_WORKDIR.value).resolve()
+    if not _REUSE.value and workdir.exists() and any(workdir.iterdir()):
+        sys.exit(f"stage2_entities: {workdir} is not empty; give --reuse to continue it or another --workdir")
+    b = Bench(workdir)
+    ent, spm, data, bank = b.path("entities"), b.path("tokenizer", "spm.model"), b.path("data"), b.path("bank")
+    knowledge = b.path("entities", "knowledge.jsonl")
+    warm, w, s = b.path("warmup"), _WARMUP_STEPS.value, _STAGE2_STEPS.value
+    demo_flags = [f"--config.seed={_SEED.value}", f"--config.data.shuffle_seed={_SEED.value}",
+                  "--config.train.eval_every=0", "--config.train.log_every=10",
+                  f"--config.data.global_batch_size={_TRAIN_BATCH.value}", *memory_flags()]
+
+    b.stage("entities", lambda: b.run("tools/make_entities.py", f"--out={ent}", f"--seed={_SEED.value}",
+                                      f"--num_entities={_NUM_ENTITIES.value}", f"--bios_per_entity={_BIOS.value}",
+                                      f"--mix_ratio={_MIX_RATIO.value}"))
+    b.stage("tokenizer", lambda: b.run("tools/train_tokenizer.py", f"--corpus={ent}/train.jsonl",
+                                       f"--out={spm[:-len('.model')]}", f"--vocab_size={_VOCAB.value}"))
+    b.stage("data", lambda: b.run("tools/prepare_data.py", f"--corpus={ent}/train.jsonl", f"--tokenizer={spm}",
+                                  f"--out={data}", "--seq_len=256"))
+    b.stage("warmup", lambda: b.run("-m", "m3jax.train", "--config=configs/demo.py", f"--workdir={warm}",
+                                    f"--config.data.path={data}", f"--config.train.num_steps={w}",
+                                    f"--config.train.checkpoint_every={w}", *demo_flags,
+                                    f"--config.optimizer.warmup_steps={min(20, max(1, w // 10))}"))
+
+    def write_bank(checkpoint: str, out: str) -> None:
+        b.run("tools/write_memory.py", "--config=configs/demo.py", f"--checkpoint={checkpoint}", f"--tokenizer={spm}",
+              f"--knowledge={knowledge}", f"--bank={out}", *memory_flags())
+
+    b.stage("bank", lambda: write_bank(warm, bank))
+    b.stage("index", lambda: b.run("tools/build_index.py", "--config=configs/demo.py", f"--bank={bank}",
+                                   f"--tokenizer={spm}", *memory_flags()))
+    b.stage("retrieve", lambda: b.run("tools/retrieve.py", "--config=configs/demo.py", f"--data={data}",
+                                      f"--bank={bank}", "--knowledge=", *memory_flags()))
+    runs = {"stage2_memory": [], "stage2_off": ["--config.memory.read=False"]}
+    for name, extra in runs.items():
+        b.stage(name, lambda name=name, extra=extra: b.run(
+            "-m", "m3jax.train", "--config=configs/continued_demo.py", f"--workdir={b.path(name)}",
+            f"--config.init_from={warm}/checkpoints/{w}", f"--config.data.path={data}", f"--config.memory.bank={bank}",
+            f"--config.train.num_steps={s}", f"--config.train.checkpoint_every={s}", *demo_flags, *extra,
+            f"--config.optimizer.warmup_steps={min(10, max(1, s // 10))}"))
+        b.stage(f"bank_{name}", lambda name=name: write_bank(b.path(name), b.path(f"bank_{name}")))
+
+    t0 = time.perf_counter()
+    results = evaluate(b, spm, knowledge, bank)
+    b.seconds["cloze"] = time.perf_counter() - t0
+    results["stage_seconds"] = b.seconds
+    settings = (_NUM_ENTITIES, _BIOS, _MIX_RATIO, _VOCAB, _TRAIN_BATCH, _WARMUP_STEPS, _STAGE2_STEPS, _K, _LAYERS,
+                _SEED, _EVAL_ENTITIES, _GEN_STEPS)
+    results["settings"] = {f.name: f.value for f in settings}
+    (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(render(results))
+    print(f"wrote {workdir / 'results.json'}")
+
+
+def evaluate(b: Bench, spm: str, knowledge: str, warm_bank: str) -> dict:
+    """Cloze accuracy of every (model, bank) pair and arm on the chosen held-out and training entities."""
+    import numpy as np
+    from ml_collections import config_dict
+
+    from m3jax.checkpoint import load_model
+    from m3jax.data.tokenizer import Tokenizer
+    from m3jax.infer import cloze
+    from m3jax.memory import bank as bank_lib
+    from m3jax.memory import knowledge as knowledge_lib
+    from m3jax.retrieval.embedder import Embedder
+    from m3jax.retrieval.index import Index
+
+    tokenizer = Tokenizer(spm)
+    meta = json.loads(Path(b.path("entities", "entities.json")).read_text())
+    items = [json.loads(line) for line in Path(b.path("entities", "cloze.jsonl")).read_text().splitlines()]
+    rng = np.random.default_rng(_SEED.value)
+    chosen = set()
+    for heldout in (True, False):
+        pool = [e["index"] for e in meta["entities"] if e["heldout"] == heldout]
+        chosen.update(rng.choice(pool, min(_EVAL_ENTITIES.value, len(pool)), replace=False).tolist())
+    items = [it for it in items if it["entity"] in chosen]
+    prompts = [it["prompt"] for it in items]
+
+    warm = load_model(b.path("warmup"))
+    cfg = warm.model_config
+    refs = knowledge_lib.load_references(knowledge, tokenizer, cfg.memory_ref_len)
+    first_ref = np.searchsorted(refs.doc_index, np.arange(len(refs.doc_ids)))  # each entity's first reference
+    spans = np.bincount(refs.doc_index, minlength=len(refs.doc_ids))
+    oracle = first_ref[[it["entity"] for it in items]]
+    sink = knowledge_lib.sink_tokens(tokenizer, "Reference:")
+
+    retrieval = config_dict.ConfigDict({"embedder": "all-MiniLM-L6-v2", "embed_max_len": 256,
+                                        "embed_batch_size": 64})
+    embedder = Embedder.from_config(retrieval)
+    index = Index.load(os.path.join(warm_bank, "index"), expect_embedder=embedder.identity)
+    retrieved = cloze.retrieve_top1(embedder, index, prompts)
+    references = cloze.arm_references(ARM_ORDER, oracle, retrieved=retrieved, seed=_SEED.value)
+
+    def open_bank(path):
+        return bank_lib.MemoryBank.open(path, expect_architecture=bank_lib.architecture(cfg),
+                                        expect_tokenizer=tokenizer.sha256, expect_sink_tokens=sink.tolist())
+
+    rows = {}
+    models = {"warmup": (warm, {"warmup": warm_bank}),
+              "stage2_memory": (None, {"warmup": warm_bank, "rewritten": b.path("bank_stage2_memory")}),
+              "stage2_off": (None, {"warmup": warm_bank, "rewritten": b.path("bank_stage2_off")})}
+    attributes = [it["attribute"] for it in items]
+    heldout = np.asarray([it["heldout"] for it in items])
+    answers = [it["answer"] for it in items]
+    for model_name, (loaded, banks) in models.items():
+        loaded = loaded or load_model(b.path(model_name))
+        off = None
+        for bank_name, path in banks.items():
+            arms = {a: r for a, r in references.items() if a != "off" or off is None}
+            t0 = time.perf_counter()
+            texts = cloze.complete(loaded.params, cfg, tokenizer, prompts, arms, bank=open_bank(path), sink=sink,
+                                   steps=_GEN_STEPS.value, batch_size=_BATCH.value)
+            off = texts.get("off", off)
+            texts["off"] = off
+            correct = {a: np.asarray([cloze.exact_match(t, ans) for t, ans in zip(texts[a], answers, strict=True)])
+                       for a in ARM_ORDER}
+            row = rows[f"{model_name} / {bank_name} bank"] = {
+                "summary": cloze.summarize(correct, attributes, heldout, oracle, retrieved),
+                "examples": [{"prompt": prompts[i], "answer": answers[i], **{a: texts[a][i] for a in ARM_ORDER}}
+                             for i in np.flatnonzero(heldout)[:3]],
+                "seconds": time.perf_counter() - t0}
+            print(f"   cloze {model_name} / {bank_name} bank: {row['seconds']:.0f} s", flush=True)
+    chance = {name: a["majority_chance"] for name, a in meta["attributes"].items()}
+    return {"items": len(items), "entities": {"heldout": int(heldout.sum() // len(set(attributes))),
+                                              "train": int((~heldout).sum() // len(set(attributes)))},
+            "entities_over_one_reference": int((spans > 1).sum()), "majority_chance_heldout": chance,
+            "rows": rows}
+
+
+def render(results: dict) -> str:
+    chance = results["majority_chance_heldout"]
+    lines = [f"cloze exact match, {results['entities']['heldout']} held-out and {results['entities']['train']} "
+             f"training entities ({results['items']} items); held-out majority chance, mean over attributes: "
+             f"{sum(chance.values()) / len(chance):.3f}",
+             f"{'model / bank':<30} {'split':<8} " + " ".join(f"{a:>9}" for a in ARM_ORDER) + f" {'recall@1':>9}"]
+    for name, row in results["rows"].items():
+        for split in ("heldout", "train"):
+            s = row["summary"][split]
+            lines.append(f"{name:<30} {split:<8} " + " ".join(f"{s['accuracy'][a]:>9.3f}" for a in ARM_ORDER)
+                         + f" {s['recall_at_1']:>9.3f}")
+    lines.append("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["stage_seconds"].items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    app.run(main)
