@@ -3,6 +3,7 @@ checkpoint continued with memory, exact resume, and the refusal of a bank anothe
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 
@@ -189,6 +190,20 @@ def test_two_processes_through_the_local_launcher_equal_one(memory_kb, kb_retrie
                        env=cpu_env(4, NUM_PROCESSES="2"), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:] + (workdir / "logs" / "process_1.log").read_text()[-3000:]
     assert_invocations(workdir, [(0, False, 6)], straight["losses"], rtol=1e-5)
+
+
+def test_a_control_never_resumes_as_the_run_it_controls(memory_kb, kb_retrieval, warm_start, straight, tmp_path):
+    """The straight run's checkpoint, resumed as the shuffled-memory control or as the memory-off control, or in
+    the other memory mode: each stops before training, naming the key with both values."""
+    shutil.copytree(straight["workdir"] / "checkpoints", tmp_path / "checkpoints")
+    for key, value, named in (("memory.shuffle_references", True, "checkpoint False, now True"),
+                              ("memory.read", False, "checkpoint True, now False"),
+                              ("retrieval.mode", "online", "checkpoint 'bank', now 'online'")):
+        config = continued_run_config(memory_kb, kb_retrieval, warm_start)
+        section, name = key.split(".")
+        config[section][name] = value
+        with pytest.raises(ConfigError, match=re.escape(f"{key}: {named}")):
+            loop.train(config, str(tmp_path))
 
 
 def test_a_bank_of_another_checkpoint_is_refused_unless_allowed(memory_kb, kb_retrieval, warm_start, tmp_path):
