@@ -9,7 +9,6 @@ per-device program.
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, cli_env
 
 from m3jax import parallel
 from m3jax.checkpoint import Checkpointer
@@ -64,9 +63,8 @@ def cli(kb, bank, *extra, checkpoint="step1", tokenizer=None):
 
 
 def env(kb):
-    """2 CPU devices per process; a compilation cache shared by the test's CLI runs (the same program each)."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-            "JAX_COMPILATION_CACHE_DIR": str(kb["root"] / "jax_cache")}
+    """2 CPU devices per process (and the session's compilation cache, which conftest sets for every process)."""
+    return cli_env(kb["root"])
 
 
 def run(kb, cmd):

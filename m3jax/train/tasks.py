@@ -27,6 +27,7 @@ from m3jax import memory_pipeline
 from m3jax.config import ConfigError
 from m3jax.data import pipeline
 from m3jax.data.records import read_metadata
+from m3jax.data.tokenizer import Tokenizer
 from m3jax.memory import bank as bank_lib
 from m3jax.memory import knowledge as knowledge_lib
 from m3jax.memory import layout as layout_lib
@@ -260,8 +261,6 @@ class MemoryTask(LmTask):
         return bank, np.asarray(bank.metadata["sink_tokens"], np.int32)
 
     def _open_knowledge(self):
-        from m3jax.data.tokenizer import Tokenizer
-
         c = self.config
         for key in ("memory.knowledge", "data.tokenizer"):
             section, name = key.split(".")
