@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,15 +34,25 @@ from absl import app, flags, logging
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tools.bench.stages import Bench  # noqa: E402
+
 _WORKDIR = flags.DEFINE_string("workdir", "runs/stage2_entities", "Where every stage writes.")
 _REUSE = flags.DEFINE_bool("reuse", False, "Skip the stages already finished in --workdir.")
 _NUM_ENTITIES = flags.DEFINE_integer("num_entities", 300, "Fictional people (20% held out).", lower_bound=10)
 _BIOS = flags.DEFINE_integer("bios_per_entity", 4, "Biographies per training entity.", lower_bound=1)
-_MIX_RATIO = flags.DEFINE_float("mix_ratio", 1.0, "Fraction of the training text that is bios (the rest: the "
-                                "embedded corpus).")
+_MIX_RATIO = flags.DEFINE_float("mix_ratio", 0.5, "Fraction of the stage-2 training text that is bios (the rest: "
+                                "the embedded corpus).")
+_WARMUP_TEXT = flags.DEFINE_enum("warmup_text", "corpus", ["corpus", "train"],
+                                 "What the warm-up trains on: the embedded corpus alone (no entity's facts are in "
+                                 "the weights when stage 2 starts), or stage 2's own text (bios included).")
+_SHARE_FROM = flags.DEFINE_string("share_from", "", "Another workdir of this bench whose entities, tokenizer, data, "
+                                  "warm-up and retrieved ids this run reuses (a sweep over stage-2 settings); "
+                                  "its data-shaping flags must equal this run's.")
+_CONTROLS = flags.DEFINE_bool("controls", True, "Also train the memory-off control run.")
+_PEAK_LR = flags.DEFINE_float("peak_lr", 1e-3, "Stage 2's peak learning rate.", lower_bound=0.0)
 _VOCAB = flags.DEFINE_integer("vocab_size", 2048, "Tokenizer vocabulary.", lower_bound=300)
-_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 150, "Warm-up (LM) training steps.", lower_bound=1)
-_STAGE2_STEPS = flags.DEFINE_integer("stage2_steps", 60, "Stage-2 steps (memory run and its control).",
+_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 400, "Warm-up (LM) training steps.", lower_bound=1)
+_STAGE2_STEPS = flags.DEFINE_integer("stage2_steps", 1000, "Stage-2 steps (memory run and its control).",
                                      lower_bound=1)
 _K = flags.DEFINE_integer("k", 8, "memory.k: tokens kept per memory per memory KV head.", lower_bound=1)
 _LAYERS = flags.DEFINE_string("memory_layers", "first_half", "memory.layers: first_half, all, or indices.")
@@ -54,46 +63,11 @@ _GEN_STEPS = flags.DEFINE_integer("gen_tokens", 6, "Greedy tokens generated per 
 _TRAIN_BATCH = flags.DEFINE_integer("batch_size", 8, "Training sequences (of 256 tokens) per step.", lower_bound=1)
 _BATCH = flags.DEFINE_integer("eval_batch", 64, "Prompts per generation batch.", lower_bound=1)
 
+# Stages a sweep point takes from --share_from (the bank and index depend on memory.k: they are its own) and the
+# directories each one wrote.
+SHARED_DIRS = {"entities": ("entities",), "tokenizer": ("tokenizer",), "data": ("data",),
+               "data_warmup": ("data_warmup",), "warmup": ("warmup",), "retrieve": ()}
 ARM_ORDER = ("retrieved", "oracle", "shuffled", "empty", "off")
-
-
-class Bench:
-    def __init__(self, workdir: Path):
-        self.dir = workdir
-        self.stages = workdir / "stages"
-        self.stages.mkdir(parents=True, exist_ok=True)
-        self.seconds: dict[str, float] = {}
-        self.current = ""
-
-    def path(self, *parts) -> str:
-        return str(self.dir.joinpath(*parts))
-
-    def stage(self, name: str, fn) -> None:
-        """Run `fn` unless --reuse finds the stage's record; record its wall time."""
-        record = self.stages / f"{name}.json"
-        if _REUSE.value and record.exists():
-            self.seconds[name] = json.loads(record.read_text())["seconds"]
-            print(f"== {name}: reused ({self.seconds[name]:.0f} s when it ran)", flush=True)
-            return
-        print(f"== {name}", flush=True)
-        self.current = name
-        t0 = time.perf_counter()
-        fn()
-        self.seconds[name] = time.perf_counter() - t0
-        record.write_text(json.dumps({"seconds": self.seconds[name]}))
-        print(f"   {name}: {self.seconds[name]:.0f} s", flush=True)
-
-    def run(self, *args: str) -> None:
-        """A repository tool or module in a subprocess (one CPU device); its output goes to WORKDIR/logs."""
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-        env.pop("XLA_FLAGS", None)
-        log = self.dir / "logs" / f"{self.current}.log"
-        log.parent.mkdir(exist_ok=True)
-        with open(log, "w") as f:
-            done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-        if done.returncode:
-            tail = log.read_text()[-3000:]
-            sys.exit(f"stage2_entities: {' '.join(args[:2])} failed (exit {done.returncode}); {log}:\n{tail}")
 
 
 def memory_flags() -> list[str]:
@@ -107,10 +81,13 @@ def main(argv):
     workdir = Path(_WORKDIR.value).resolve()
     if not _REUSE.value and workdir.exists() and any(workdir.iterdir()):
         sys.exit(f"stage2_entities: {workdir} is not empty; give --reuse to continue it or another --workdir")
-    b = Bench(workdir)
+    b = Bench(workdir, _REUSE.value)
+    if _SHARE_FROM.value:
+        b.share(Path(_SHARE_FROM.value).resolve(), SHARED_DIRS)
     ent, spm, data, bank = b.path("entities"), b.path("tokenizer", "spm.model"), b.path("data"), b.path("bank")
     knowledge = b.path("entities", "knowledge.jsonl")
     warm, w, s = b.path("warmup"), _WARMUP_STEPS.value, _STAGE2_STEPS.value
+    warm_data = b.path("data_warmup") if _WARMUP_TEXT.value == "corpus" else data
     demo_flags = [f"--config.seed={_SEED.value}", f"--config.data.shuffle_seed={_SEED.value}",
                   "--config.train.eval_every=0", "--config.train.log_every=10",
                   f"--config.data.global_batch_size={_TRAIN_BATCH.value}", *memory_flags()]
@@ -122,8 +99,11 @@ def main(argv):
                                        f"--out={spm[:-len('.model')]}", f"--vocab_size={_VOCAB.value}"))
     b.stage("data", lambda: b.run("tools/prepare_data.py", f"--corpus={ent}/train.jsonl", f"--tokenizer={spm}",
                                   f"--out={data}", "--seq_len=256"))
+    if _WARMUP_TEXT.value == "corpus":
+        b.stage("data_warmup", lambda: b.run("tools/prepare_data.py", "--corpus=embedded", f"--tokenizer={spm}",
+                                             f"--out={warm_data}", "--seq_len=256"))
     b.stage("warmup", lambda: b.run("-m", "m3jax.train", "--config=configs/demo.py", f"--workdir={warm}",
-                                    f"--config.data.path={data}", f"--config.train.num_steps={w}",
+                                    f"--config.data.path={warm_data}", f"--config.train.num_steps={w}",
                                     f"--config.train.checkpoint_every={w}", *demo_flags,
                                     f"--config.optimizer.warmup_steps={min(20, max(1, w // 10))}"))
 
@@ -136,12 +116,15 @@ def main(argv):
                                    f"--tokenizer={spm}", *memory_flags()))
     b.stage("retrieve", lambda: b.run("tools/retrieve.py", "--config=configs/demo.py", f"--data={data}",
                                       f"--bank={bank}", "--knowledge=", *memory_flags()))
-    runs = {"stage2_memory": [], "stage2_off": ["--config.memory.read=False"]}
+    runs = {"stage2_memory": []}
+    if _CONTROLS.value:
+        runs["stage2_off"] = ["--config.memory.read=False"]
     for name, extra in runs.items():
         b.stage(name, lambda name=name, extra=extra: b.run(
             "-m", "m3jax.train", "--config=configs/continued_demo.py", f"--workdir={b.path(name)}",
             f"--config.init_from={warm}/checkpoints/{w}", f"--config.data.path={data}", f"--config.memory.bank={bank}",
             f"--config.train.num_steps={s}", f"--config.train.checkpoint_every={s}", *demo_flags, *extra,
+            f"--config.optimizer.peak_lr={_PEAK_LR.value}",
             f"--config.optimizer.warmup_steps={min(10, max(1, s // 10))}"))
         b.stage(f"bank_{name}", lambda name=name: write_bank(b.path(name), b.path(f"bank_{name}")))
 
@@ -149,8 +132,8 @@ def main(argv):
     results = evaluate(b, spm, knowledge, bank)
     b.seconds["cloze"] = time.perf_counter() - t0
     results["stage_seconds"] = b.seconds
-    settings = (_NUM_ENTITIES, _BIOS, _MIX_RATIO, _VOCAB, _TRAIN_BATCH, _WARMUP_STEPS, _STAGE2_STEPS, _K, _LAYERS,
-                _SEED, _EVAL_ENTITIES, _GEN_STEPS)
+    settings = (_NUM_ENTITIES, _BIOS, _MIX_RATIO, _WARMUP_TEXT, _VOCAB, _TRAIN_BATCH, _WARMUP_STEPS, _STAGE2_STEPS,
+                _PEAK_LR, _K, _LAYERS, _SEED, _EVAL_ENTITIES, _GEN_STEPS, _CONTROLS, _SHARE_FROM)
     results["settings"] = {f.name: f.value for f in settings}
     (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(render(results))
@@ -202,8 +185,9 @@ def evaluate(b: Bench, spm: str, knowledge: str, warm_bank: str) -> dict:
 
     rows = {}
     models = {"warmup": (warm, {"warmup": warm_bank}),
-              "stage2_memory": (None, {"warmup": warm_bank, "rewritten": b.path("bank_stage2_memory")}),
-              "stage2_off": (None, {"warmup": warm_bank, "rewritten": b.path("bank_stage2_off")})}
+              "stage2_memory": (None, {"warmup": warm_bank, "rewritten": b.path("bank_stage2_memory")})}
+    if _CONTROLS.value:
+        models["stage2_off"] = (None, {"warmup": warm_bank, "rewritten": b.path("bank_stage2_off")})
     attributes = [it["attribute"] for it in items]
     heldout = np.asarray([it["heldout"] for it in items])
     answers = [it["answer"] for it in items]
