@@ -132,6 +132,53 @@ def test_provenance_spans_are_the_reference_tokens(memory_kb):
         assert text == tokens[r, :lengths[r]].tolist()
 
 
+def test_provenance_needs_the_banks_references_of_the_datas_corpus(memory_kb, tmp_path):
+    """provenance_for: the filter of the bank's references when they are the data's corpus; a corpus that changed
+    since preparation, or data that records no corpus digest, is refused; --knowledge='' is None, and its warning
+    says whether the bank holds the data's own text. (tools/retrieve.py's refusals: test_bad_inputs_are_named.)"""
+    import json
+
+    from m3jax.data.corpus import load_corpus
+    from m3jax.data.prepare import corpus_sha256
+    from m3jax.data.records import read_metadata
+    from m3jax.data.tokenizer import Tokenizer
+    from m3jax.memory.writer import read_record
+    from m3jax.retrieval.retrieve import provenance_for
+
+    kb, refs = memory_kb["knowledge"], memory_kb["refs"]
+    meta, record = read_metadata(memory_kb["data"]), read_record(memory_kb["bank"])
+    assert meta["corpus_sha256"] == record["corpus_sha256"] == refs.corpus_sha256 == corpus_sha256(load_corpus(kb))
+    lines = open(kb).read().splitlines()
+    (tmp_path / "elsewhere.jsonl").write_text("\n".join(lines))  # the same texts under other doc_ids
+    (tmp_path / "edited.jsonl").write_text("\n".join([json.dumps({"text": "Another text."}), *lines[1:]]))
+    (tmp_path / "swapped.jsonl").write_text("\n".join([lines[1], lines[0], *lines[2:]]))
+    assert corpus_sha256(load_corpus(str(tmp_path / "elsewhere.jsonl"))) == meta["corpus_sha256"]
+    for other in ("edited", "swapped"):
+        assert corpus_sha256(load_corpus(str(tmp_path / f"{other}.jsonl"))) != meta["corpus_sha256"]
+
+    logged = []
+    kw = dict(tokenizer=Tokenizer(memory_kb["tokenizer"]), ref_len=refs.ref_len, data_dir=memory_kb["data"],
+              bank_path=memory_kb["bank"], log=logged.append)
+    got = provenance_for(kb, data_meta=meta, bank_record=record, **kw)
+    want = Provenance.of(refs)
+    for field in ("doc", "start", "length"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    assert logged[-1].startswith(f"provenance filter: knowledge base {kb!r} (the corpus")
+    with pytest.raises(ValueError, match=r"is the bank's but not the corpus .*its files changed since\): corpus "
+                                         rf"sha256 {meta['corpus_sha256'][:12]}… vs 0000"):
+        provenance_for(kb, data_meta={**meta, "corpus_sha256": "0" * 64}, bank_record=record, **kw)
+    old_data = {k: v for k, v in meta.items() if k != "corpus_sha256"}
+    with pytest.raises(ValueError, match="metadata.json has no corpus_sha256 .*prepare the data again"):
+        provenance_for(kb, data_meta=old_data, bank_record=record, **kw)
+
+    for bank_corpus, says in ((meta["corpus_sha256"], "was written from the data's own corpus"),
+                              ("f" * 64, "is not the data's corpus"), (None, "is not recorded")):
+        assert provenance_for("", data_meta=meta, bank_record={**record, "corpus_sha256": bank_corpus}, **kw) is None
+        assert logged[-1].startswith("WARNING: --knowledge='': NO PROVENANCE FILTER") and says in logged[-1]
+    assert provenance_for("", data_meta=old_data, bank_record=record, **kw) is None  # '' needs no corpus digest
+    assert "is not recorded" in logged[-1]
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def train_records(memory_kb):
     from m3jax.data.records import split_source
@@ -461,10 +508,36 @@ def test_bad_inputs_are_named(memory_kb, kb_retrieval, tmp_path):
         RetrievedIds.open(ids)
     with pytest.raises(ValueError, match="num_records"):
         RetrievedIds.open(kb_retrieval["ids"], expect={"num_records": 3})
-    other_kb = run_tool(memory_kb["root"], "retrieve", "--config=tests/lm_test_config.py",
-                        f"--data={memory_kb['data']}", f"--bank={memory_kb['bank']}", f"--out={tmp_path / 'o'}",
-                        "--knowledge=embedded")
-    assert other_kb.returncode != 0 and "was not written from knowledge base 'embedded'" in other_kb.stderr
+
+
+def test_retrieve_refuses_a_provenance_of_other_texts(memory_kb, lm_data, tmp_path):
+    """tools/retrieve.py refuses a --knowledge that is not the bank's, and the bank's when it is not the corpus of
+    --data (lm_data: the embedded corpus), naming both sides' digests; nothing is written."""
+    from m3jax.data.records import read_metadata
+    from m3jax.data.tokenizer import Tokenizer
+    from m3jax.memory.knowledge import load_references
+    from m3jax.memory.writer import read_record
+
+    lines = open(memory_kb["knowledge"]).read().splitlines()
+    edited = tmp_path / "edited.jsonl"  # the first document replaced: as many documents, other references
+    edited.write_text("\n".join([lines[1], *lines[1:]]))
+    ours = load_references(str(edited), Tokenizer(memory_kb["tokenizer"]), memory_kb["refs"].ref_len).sha256()
+    theirs = read_record(memory_kb["bank"])["references_sha256"]
+    args = ("--config=tests/lm_test_config.py", f"--bank={memory_kb['bank']}", f"--out={tmp_path / 'ids'}")
+    runs = {
+        f"--knowledge={edited}": (memory_kb["data"], [
+            f"knowledge base {str(edited)!r} is not the one the bank {memory_kb['bank']} was written from",
+            f"its references have sha256 {ours[:12]}…, the bank's writer record {theirs[:12]}…", "--knowledge=''"]),
+        f"--knowledge={memory_kb['knowledge']}": (lm_data, [
+            f"is the bank's but not the corpus {lm_data} was prepared from ('embedded'): corpus sha256 "
+            f"{memory_kb['refs'].corpus_sha256[:12]}… vs {read_metadata(lm_data)['corpus_sha256'][:12]}…",
+            "--knowledge=''"])}
+    for knowledge, (data, parts) in runs.items():
+        out = run_tool(memory_kb["root"], "retrieve", *args, f"--data={data}", knowledge)
+        assert out.returncode == 1, out.stderr[-3000:]
+        for part in parts:
+            assert part in out.stderr, (part, out.stderr[-3000:])
+    assert not (tmp_path / "ids").exists()
 
 
 def test_build_index_embeds_only_missing_blocks(memory_kb, kb_retrieval, tmp_path):

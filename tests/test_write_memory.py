@@ -273,7 +273,9 @@ def test_refusals(kb, reference_bank, tmp_path):
     refs = knowledge.load_references(kb["knowledge"], tok, 128)
     kw = dict(architecture=architecture(cfg), tokenizer_sha256=tok.sha256, sink=knowledge.sink_tokens(tok,
               "Reference:"), codec="bf16", refs_per_shard=8, record=writer.writer_record(refs, 1, cfg.dtype))
-    step2 = {"run_id": "test", "step": 2}
+    record = writer.read_record(reference_bank)  # where the references came from, for tools/retrieve.py
+    assert record["knowledge"] == kb["knowledge"] and record["corpus_sha256"] == refs.corpus_sha256
+    step2 = {"run_id": "test", "step": 2}  # kw's record names no knowledge base: a source is not compared
     bank, writable = writer.open_for_writing(str(reference_bank), refs, checkpoint=step2, allow_other_checkpoint=True,
                                              **kw)
     assert not writable and bank.metadata["checkpoint"]["step"] == 1  # complete: accepted as it is

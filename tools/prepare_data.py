@@ -1,6 +1,9 @@
 """Tokenises, packs and shards a corpus into train/heldout ArrayRecord splits plus metadata.json.
 
     python tools/prepare_data.py --tokenizer=runs/demo/tokenizer/spm.model --out=runs/demo/data
+
+metadata.json names the corpus and records the digest of its texts (`corpus_sha256`): tools/retrieve.py filters by
+provenance only with a bank written from that very corpus.
 """
 
 

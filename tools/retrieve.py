@@ -6,8 +6,12 @@
 For each record and each chunk (chunks never cross a document boundary: m3jax/memory/layout.py): the chunk's
 text is embedded (`config.retrieval.embedder`, which must be the index's), `config.retrieval.candidates`
 neighbours are searched, the leaking ones dropped, and the best `config.retrieval.refs_per_chunk` kept:
-- references cut from the record's own text (when `--knowledge` is the knowledge base the bank was written from,
-  by default the data's corpus: the knowledge split of tools/prepare_data.py; "" turns it off),
+- references cut from the record's own text (the provenance filter). `--knowledge` (default: the data's corpus, the
+  knowledge split of tools/prepare_data.py) must be both the knowledge base the bank was written from and the corpus
+  the data was prepared from, by their digests (m3jax/retrieval/retrieve.py: `provenance_for`); anything else is
+  refused, naming both. `--knowledge=''` turns the filter off, for a bank whose knowledge base shares no text with
+  the training data (e.g. the entity task's); a warning says so, loudly when the bank was written from the data's
+  own corpus;
 - references whose overlap with the record (eq. 6) exceeds `config.retrieval.train_max_overlap`.
 The ids go to `--out` in blocks of records (m3jax/retrieval/retrieve.py); several processes (jax.distributed)
 take alternate blocks; a rerun finishes the missing blocks and refuses other inputs.
@@ -29,8 +33,9 @@ _DATA = flags.DEFINE_string("data", None, "A data directory written by tools/pre
 _SPLIT = flags.DEFINE_string("split", "train", "The split to retrieve for.")
 _BANK = flags.DEFINE_string("bank", None, "The memory bank: a directory or a TensorStore kvstore URL.")
 _INDEX = flags.DEFINE_string("index", "", "The bank's index directory (default BANK/index).")
-_KNOWLEDGE = flags.DEFINE_string("knowledge", None, "The knowledge base the bank was written from (default: the "
-                                 "data's corpus); '' = unknown (no provenance filter).")
+_KNOWLEDGE = flags.DEFINE_string("knowledge", None, "The knowledge base the bank was written from, which must be "
+                                 "the data's corpus (the default); '' = no provenance filter, for a knowledge base "
+                                 "that shares no text with the training data.")
 _OUT = flags.DEFINE_string("out", "", "Output directory (default DATA/retrieval-SPLIT).")
 _BLOCK_RECORDS = flags.DEFINE_integer("block_records", 1024, "Records per output block (a new output only).",
                                       lower_bound=1)
@@ -51,12 +56,11 @@ def main(argv):
     from m3jax.config import validate
     from m3jax.data.records import read_metadata
     from m3jax.data.tokenizer import Tokenizer
-    from m3jax.memory import knowledge as knowledge_lib
     from m3jax.memory import writer
     from m3jax.retrieval import build
     from m3jax.retrieval.embedder import Embedder
     from m3jax.retrieval.index import Index
-    from m3jax.retrieval.retrieve import ChunkRetriever, Provenance, RetrievalSettings, RetrievedIds, retrieve_split
+    from m3jax.retrieval.retrieve import ChunkRetriever, RetrievalSettings, RetrievedIds, provenance_for, retrieve_split
 
     t0 = time.perf_counter()
     config = _CONFIG.value
@@ -73,6 +77,13 @@ def main(argv):
         if tokenizer.sha256 != meta["tokenizer_sha256"]:
             raise ValueError(f"{meta['tokenizer_path']} changed since {_DATA.value} was prepared (sha256 differs)")
         bank = build.open_bank(_BANK.value, tokenizer)
+        record = writer.read_record(_BANK.value)
+        if record is None:
+            raise ValueError(f"the bank {_BANK.value} has no writer record ({writer.RECORD_KEY}): write it with "
+                             "tools/write_memory.py")
+        provenance = provenance_for(meta["corpus"] if _KNOWLEDGE.value is None else _KNOWLEDGE.value, tokenizer,
+                                    bank.metadata["ref_len"], data_dir=_DATA.value, data_meta=meta,
+                                    bank_path=_BANK.value, bank_record=record, log=_PROGRESS)
         index_dir = _INDEX.value or build.default_index_dir(_BANK.value)
         mesh = parallel.make_mesh(config.mesh, jax.local_devices())
         embedder = Embedder.from_config(r, mesh)
@@ -80,18 +91,6 @@ def main(argv):
         if index.num_vectors != bank.num_refs:
             raise ValueError(f"index {index_dir} holds {index.num_vectors:,} vectors, the bank {bank.num_refs:,} "
                              "references: rebuild it with tools/build_index.py")
-        knowledge = meta["corpus"] if _KNOWLEDGE.value is None else _KNOWLEDGE.value
-        provenance = None
-        record = writer.read_record(_BANK.value)
-        if record is None:
-            raise ValueError(f"the bank {_BANK.value} has no writer record ({writer.RECORD_KEY}): write it with "
-                             "tools/write_memory.py")
-        if knowledge:
-            refs = knowledge_lib.load_references(knowledge, tokenizer, bank.metadata["ref_len"])
-            if record["references_sha256"] != refs.sha256():
-                raise ValueError(f"the bank {_BANK.value} was not written from knowledge base {knowledge!r}; give "
-                                 "--knowledge=<its knowledge base>, or --knowledge='' to retrieve without provenance")
-            provenance = Provenance.of(refs)
         settings = RetrievalSettings.from_config(config)
         out = _OUT.value or os.path.join(_DATA.value, f"retrieval-{_SPLIT.value}")
         store = RetrievedIds.create(out, {
@@ -110,8 +109,9 @@ def main(argv):
     retriever = ChunkRetriever(settings, tokenizer, embedder.embed, index.search, bank.read_tokens, provenance)
     s = retrieve_split(store, _DATA.value, _SPLIT.value, retriever, process_index=proc, process_count=nproc,
                        batch_records=_BATCH_RECORDS.value, log=_PROGRESS, log_every_s=_LOG_EVERY.value)
+    by_provenance = f"{s['dropped_provenance']:,} by provenance" if provenance else "none by provenance (NO FILTER)"
     print(f"retrieve: process {proc} of {nproc}: {s['records']:,} records ({s['blocks']} blocks), {s['chunks']:,} "
-          f"chunks, {s['queries']:,} searched, dropped {s['dropped_provenance']:,} by provenance and "
+          f"chunks, {s['queries']:,} searched, dropped {by_provenance} and "
           f"{s['dropped_overlap']:,} by overlap, {s['empty_refs']:,} chunks without a reference; "
           f"{s['seconds']:.1f} s ({s['records_per_s']:,.2f} records/s)", flush=True)
     cli.barrier("retrieve_done")

@@ -6,7 +6,8 @@
 
 - `--knowledge`: "embedded" (CPython's documentation) or comma-separated text / JSONL ("text" field) paths or
   globs. Each document is cut into references of at most `config.memory.ref_len` tokens, ids in document order,
-  then piece order (a document's short tail is a reference of its own): see m3jax/memory/knowledge.py.
+  then piece order (a document's short tail is a reference of its own): see m3jax/memory/knowledge.py. The bank's
+  writer record keeps it and the digest of its texts: tools/retrieve.py checks its provenance filter with them.
 - The model is `config.model` with the memory geometry of `config.memory` (memory layers, memory KV heads, k,
   ref_len, sink_text); `vocab_size=-1` is taken from the checkpoint. It must match the checkpoint's saved model
   config. `--checkpoint` is a run's workdir, its checkpoint directory (latest step) or one step directory; the
@@ -97,7 +98,8 @@ def main(argv):
         bank, writable = writer.open_for_writing(
             _BANK.value, refs, architecture=architecture(cfg), tokenizer_sha256=tokenizer.sha256,
             checkpoint=checkpoint, sink=sink, codec=_CODEC.value, refs_per_shard=_REFS_PER_SHARD.value,
-            record=writer.writer_record(refs, window_refs, cfg.dtype), allow_other_checkpoint=_ALLOW_OTHER.value)
+            record=writer.writer_record(refs, window_refs, cfg.dtype, knowledge=_KNOWLEDGE.value),
+            allow_other_checkpoint=_ALLOW_OTHER.value)
         if not writable:
             print(f"write_memory: {bank.path} is complete ({bank.num_refs:,} refs, written by checkpoint "
                   f"{bank.metadata['checkpoint']}); accepted as it is, nothing written")

@@ -25,6 +25,19 @@ def heldout_split(doc_id: str, heldout_fraction: float, seed: int = 0) -> bool:
     return int.from_bytes(digest[:8], "little") / 2**64 < heldout_fraction
 
 
+def corpus_sha256(docs: Sequence[Document]) -> str:
+    """Identifies a corpus as the knowledge split sees it: its documents' texts, in order (each prefixed by its
+    length in bytes). Not their doc_ids, which name the files they were read from: the same texts elsewhere are
+    the same corpus. Recorded by `prepare` and by the memory writer (`m3jax.memory.knowledge.load_references`), so
+    a retrieval can check that the knowledge base of its provenance filter is the data's corpus."""
+    h = hashlib.sha256()
+    for doc in docs:
+        text = doc.text.encode("utf-8", "surrogatepass")
+        h.update(len(text).to_bytes(8, "little"))
+        h.update(text)
+    return h.hexdigest()
+
+
 def _encoded(tokenizer: Tokenizer, docs: Sequence[Document]) -> Iterator[list[int]]:
     for start in range(0, len(docs), _ENCODE_CHUNK):
         yield from tokenizer.encode_batch([d.text for d in docs[start : start + _ENCODE_CHUNK]])
@@ -62,7 +75,9 @@ def prepare(
     corpus order, as `m3jax.memory.knowledge.load_references` cuts it); the heldout documents are in the knowledge
     base but never in the training data, so their facts reach the model only through memory. Records carry each
     token's corpus document number and offset (`documents`, `doc_offsets`), which tie a training chunk to the
-    references cut from its own text. The split is a pure function of (doc_id, seed, heldout_fraction).
+    references cut from its own text; `corpus_sha256` in the metadata identifies the corpus those numbers index
+    (tools/retrieve.py checks it against the bank's knowledge base). The split is a pure function of (doc_id, seed,
+    heldout_fraction).
     """
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
@@ -101,6 +116,7 @@ def prepare(
         "tokenizer_path": os.path.abspath(tokenizer_path),
         "tokenizer_sha256": tokenizer.sha256,
         "corpus": corpus_spec,
+        "corpus_sha256": corpus_sha256(docs),
         "num_corpus_documents": len(docs),
         "heldout_fraction": heldout_fraction,
         "seed": seed,

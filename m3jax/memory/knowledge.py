@@ -6,6 +6,9 @@ without BOS, and cut into consecutive pieces of `ref_len` tokens; the last piece
 tokens) and is a reference of its own, shorter; a document without tokens gives none. Reference ids run over the
 documents in that order, then over each document's pieces in order, so id r depends only on the knowledge base,
 the tokenizer and ref_len: every process of a writer, every restart and every reader computes the same ids.
+References loaded from a knowledge base carry its `corpus_sha256` (`m3jax.data.prepare.corpus_sha256`, as a prepared
+data directory records its corpus): equal digests and tokenizers mean the references were cut from the data's own
+documents, numbered as the data's records number them (the provenance filter of m3jax/retrieval/retrieve.py).
 
 The sink is the modified BOS "<s>Reference:" that precedes every reference when it is encoded and every context
 that reads memory (docs/memory.md): the ordinary <s> followed by the tokenized `config.memory.sink_text`.
@@ -20,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from m3jax.data.corpus import load_corpus
+from m3jax.data.prepare import corpus_sha256
 from m3jax.data.tokenizer import Tokenizer
 
 _ENCODE_CHUNK = 256  # documents tokenized per call: bounds memory on large knowledge bases
@@ -41,6 +45,7 @@ class References:
     lengths: np.ndarray  # [n] int32: 1 … ref_len
     doc_index: np.ndarray  # [n] int32: the document of reference r (an index into doc_ids)
     doc_ids: tuple[str, ...]  # every document, including those that gave no reference
+    corpus_sha256: str | None = None  # the texts cut (`load_references`); None when cut from tokens directly
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -88,4 +93,4 @@ def load_references(spec: str, tokenizer: Tokenizer, ref_len: int) -> References
     refs = cut_references([(d.doc_id, i) for d, i in zip(docs, ids, strict=True)], ref_len)
     if not len(refs):
         raise ValueError(f"knowledge base {spec!r}: {len(docs)} documents and no tokens, so no references")
-    return refs
+    return dataclasses.replace(refs, corpus_sha256=corpus_sha256(docs))

@@ -29,7 +29,10 @@ stops a writer right after its n-th write, for tests of this.
 The writer record. `writer.json` at the bank's root records what the bank's metadata does not: the encoding
 (references or windows of W), the compute dtype, and a sha256 of the references (their tokens, lengths and
 documents). A writer whose record differs from a bank's (another encoding, or another knowledge base with the same
-number of references) is refused rather than mixing two kinds of memories in one bank.
+number of references) is refused rather than mixing two kinds of memories in one bank. The record also says where
+the references came from: the knowledge base as the writer was given it and the digest of its texts
+(`corpus_sha256`), which tools/retrieve.py compares with the training data's corpus. These two are not compared on
+resume (a path may be spelled otherwise; the references' sha256 decides), and records written before them lack them.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from m3jax.parallel import DEFAULT_LOGICAL_AXIS_RULES
 
 RECORD_KEY = "writer.json"
 RECORD_FORMAT = 1
+_SOURCE_FIELDS = ("knowledge", "corpus_sha256")  # of the record: where the references came from, not compared
 _WRITES_IN_FLIGHT = 2  # bank writes queued behind the encoder
 
 
@@ -77,11 +81,12 @@ def units(refs: References, window_refs: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------ the bank
-def writer_record(refs: References, window_refs: int, dtype: str) -> dict[str, Any]:
-    """What `writer.json` holds (see the module docstring)."""
+def writer_record(refs: References, window_refs: int, dtype: str, knowledge: str | None = None) -> dict[str, Any]:
+    """What `writer.json` holds (see the module docstring); `knowledge`: the knowledge base `refs` were loaded from,
+    as given (`m3jax.memory.knowledge.load_references`)."""
     return {"format": RECORD_FORMAT, "encoding": "references" if window_refs == 1 else "document_windows",
             "window_refs": int(window_refs), "dtype": str(dtype), "num_refs": len(refs),
-            "references_sha256": refs.sha256()}
+            "references_sha256": refs.sha256(), "knowledge": knowledge, "corpus_sha256": refs.corpus_sha256}
 
 
 def read_record(path) -> dict[str, Any] | None:
@@ -99,7 +104,8 @@ def _check_record(path, record: Mapping[str, Any], *, store: bool = True) -> Non
         if bank_lib.create_side_file(path, RECORD_KEY, json.dumps(dict(record), indent=1, sort_keys=True)):
             return
         theirs = read_record(path)  # another process stored it first
-    diffs = [f"{k}: bank {theirs.get(k)!r}, this writer {record[k]!r}" for k in record if theirs.get(k) != record[k]]
+    diffs = [f"{k}: bank {theirs.get(k)!r}, this writer {record[k]!r}" for k in record
+             if k not in _SOURCE_FIELDS and theirs.get(k) != record[k]]
     if diffs:
         other_kb = theirs.get("references_sha256") != record["references_sha256"]
         raise BankMismatchError(f"memory bank {path} was written with other writer settings"

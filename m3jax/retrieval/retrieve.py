@@ -4,8 +4,9 @@ For each record of a prepared split (`m3jax.data.prepare`) and each of its chunk
 the chunk's text (its tokens decoded by the data's tokenizer) is embedded, the index returns `candidates`
 references, and the leaking ones are dropped:
 - provenance: a reference cut from text of the record itself (same corpus document, token spans that meet) —
-  known when the knowledge base is the data's corpus (the knowledge split), so a chunk never retrieves its own
-  source, even when only part of that reference lies in the record;
+  known when the bank's knowledge base is the data's corpus (the knowledge split), so a chunk never retrieves its
+  own source, even when only part of that reference lies in the record. `provenance_for` checks, by digests, that
+  the references it loads are the bank's and the data's corpus, and refuses anything else;
 - eq. 6: a reference whose overlap with the record's tokens exceeds `max_overlap` (`m3jax.retrieval.overlap`) —
   any near-copy of the record's text, from whatever document.
 The first `refs_per_chunk` survivors, best first, are the chunk's references (−1 = none).
@@ -31,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from m3jax.data.records import split_source
+from m3jax.data.records import METADATA_FILE, split_source
 from m3jax.data.tokenizer import Tokenizer
 from m3jax.memory import layout
+from m3jax.memory.knowledge import load_references
 from m3jax.retrieval.blocks import Blocks, create_meta, read_meta
 from m3jax.retrieval.overlap import leaking
 
@@ -69,6 +71,63 @@ class Provenance:
             lo, hi = offsets[docs == d].min(), offsets[docs == d].max()
             out |= (self.doc[ids] == d) & (self.start[ids] <= hi) & (self.start[ids] + self.length[ids] > lo)
         return out
+
+
+def provenance_for(knowledge: str, tokenizer: Tokenizer, ref_len: int, *, data_dir: str, data_meta: Mapping[str, Any],
+                   bank_path: str, bank_record: Mapping[str, Any], log: Callable[[str], None] = print
+                   ) -> Provenance | None:
+    """The provenance filter of a retrieval for the data at `data_dir` (metadata `data_meta`) from the bank at
+    `bank_path` (writer record `bank_record`, m3jax/memory/writer.py), from the references of `knowledge`.
+
+    The filter finds a record's own references by corpus document number, so it is right only for the references
+    the bank holds (its record's `references_sha256`) cut from the corpus the data was prepared from (the data's
+    `corpus_sha256`). Anything else would drop the wrong references, or none, and training chunks would read their
+    own text: a ValueError naming both sides; so is data prepared before `corpus_sha256` was recorded. `knowledge`
+    "" is no filter (None), for a bank whose knowledge base shares no text with the data: logged as a warning that
+    says what it means and whether the bank's record says the bank was written from the data's own corpus.
+    """
+    data_corpus, bank_corpus = data_meta.get("corpus_sha256"), bank_record.get("corpus_sha256")
+    source = bank_record.get("knowledge")
+    bank_kb = f"written from {source!r}" if source else "its source not recorded"
+    if not knowledge:
+        if data_corpus is not None and bank_corpus == data_corpus:
+            what = (f"the bank {bank_path} ({bank_kb}) was written from the data's own corpus (corpus sha256 "
+                    f"{data_corpus[:12]}…): its training chunks will read references cut from their own text, which "
+                    "the model learns to copy; omit --knowledge to filter by provenance")
+        elif data_corpus is not None and bank_corpus is not None:
+            what = (f"the bank's knowledge base ({bank_kb}, corpus sha256 {bank_corpus[:12]}…) is not the data's "
+                    f"corpus ({data_meta['corpus']!r}, {data_corpus[:12]}…): right when it shares no text with the "
+                    "training data")
+        else:
+            what = (f"whether the bank's knowledge base ({bank_kb}) is the data's corpus is not recorded: right only "
+                    "when it shares no text with the training data")
+        log("WARNING: --knowledge='': NO PROVENANCE FILTER. References cut from a record's own text are not dropped; "
+            f"only near-copies of it are (eq. 6, retrieval.train_max_overlap). {what[0].upper()}{what[1:]}.")
+        return None
+    if data_corpus is None:
+        raise ValueError(f"{os.path.join(data_dir, METADATA_FILE)} has no corpus_sha256 (prepared before it was "
+                         f"recorded), so nothing shows that knowledge base {knowledge!r} is the corpus its records "
+                         "number: prepare the data again (tools/prepare_data.py with the corpus, tokenizer, seq_len, "
+                         "heldout_fraction and seed its metadata.json lists writes the same records), or give "
+                         "--knowledge='' (no provenance filter)")
+    named = f"knowledge base {knowledge!r}" + (f" (the corpus {data_dir} names, the default --knowledge)"
+                                               if knowledge == data_meta["corpus"] else "")
+    refs = load_references(knowledge, tokenizer, ref_len)
+    if refs.sha256() != bank_record["references_sha256"]:
+        raise ValueError(f"{named} is not the one the bank {bank_path} was written from ({bank_kb}): its references "
+                         f"have sha256 {refs.sha256()[:12]}…, the bank's writer record "
+                         f"{bank_record['references_sha256'][:12]}…; give --knowledge=<the bank's knowledge base>, or "
+                         "--knowledge='' when that shares no text with the training data (no provenance filter)")
+    if refs.corpus_sha256 != data_corpus:
+        changed = ", its files changed since" if knowledge == data_meta["corpus"] else ""
+        raise ValueError(f"{named} is the bank's but not the corpus {data_dir} was prepared from "
+                         f"({data_meta['corpus']!r}{changed}): corpus sha256 {refs.corpus_sha256[:12]}… vs "
+                         f"{data_corpus[:12]}…. The provenance filter finds a record's own references by the corpus "
+                         "document numbers the records carry; give --knowledge='' when the bank's knowledge base "
+                         "shares no text with the training data (no provenance filter), else prepare the data from it")
+    log(f"provenance filter: {named}, the bank's references (sha256 {refs.sha256()[:12]}…) and the data's corpus "
+        f"(corpus sha256 {data_corpus[:12]}…)")
+    return Provenance.of(refs)
 
 
 # ------------------------------------------------------------------------------------------------ retrieval
