@@ -135,6 +135,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.stop_at = 0  # > 0: end this invocation after this step with a checkpoint (a scheduled stop); 0 = num_steps
     t.log_every = 10
     t.eval_every = 100  # 0 = never
+    # Held-out loss: the first this many global batches of data.eval_split; 0 = every record of it (the last batch
+    # padded with rows of loss weight 0, so the mean is over exactly the split's tokens).
     t.eval_batches = 4
     t.checkpoint_every = 200
     t.keep_checkpoints = 3
@@ -163,6 +165,19 @@ def base_config() -> ml_collections.ConfigDict:
     g.min_steps = 50
     g.max_rescues = 3
     g.lr_factor = 1.0
+
+    # Held-out entities of the knowledge task (tools/make_entities.py), scored at every evaluation of a run that reads
+    # memory, in the same line as the held-out loss: exact-match accuracy of their attribute values with the memory
+    # the cloze prompt alone retrieves (retrieval.embedder + the references' ScaNN index), with empty memory and with
+    # memory off, and the recall@1 of each entity's reference (m3jax/evals/entities.py). Bank mode reads the
+    # memories from memory.bank; online mode encodes them with the parameters being trained.
+    c.eval = ml_collections.ConfigDict()
+    e = c.eval
+    e.cloze = ""  # the cloze.jsonl of tools/make_entities.py; "" = no entity evaluation
+    e.cloze_items = 0  # held-out items scored (a fixed random sample); 0 = all
+    e.cloze_index = ""  # the index of the references (tools/build_index.py); "" = BANK/index (bank mode)
+    e.cloze_tokens = 6  # greedy tokens generated after each prompt
+    e.cloze_batch = 64  # prompts per generation batch
 
     c.distributed = ml_collections.ConfigDict()
     d = c.distributed
@@ -245,6 +260,18 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         _check(t[key] > 0, f"train.{key}", f"must be positive, got {t[key]}")
     _check(t.stop_at >= 0, "train.stop_at", f"must be >= 0, got {t.stop_at}")
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    _check(t.eval_batches >= 0, "train.eval_batches",
+           f"must be >= 0 (0 = every record of data.eval_split), got {t.eval_batches}")
+    e = c.eval
+    _check(e.cloze_items >= 0, "eval.cloze_items", f"must be >= 0 (0 = all), got {e.cloze_items}")
+    for key in ("cloze_tokens", "cloze_batch"):
+        _check(e[key] > 0, f"eval.{key}", f"must be positive, got {e[key]}")
+    if e.cloze:
+        _check(mem.read, "eval.cloze", "held-out entities are scored by what they read from memory: a run that "
+               "reads memory (memory.read=True)")
+        _check(t.eval_every > 0, "eval.cloze", "entities are scored at each evaluation, but train.eval_every=0")
+        _check(e.cloze_index or r.mode == "bank", "eval.cloze_index",
+               "online mode has no bank beside which to find the references' index: give its directory")
 
     _check(t.profile_start >= 0, "train.profile_start", f"must be >= 0 (0 = off), got {t.profile_start}")
     _check(t.profile_steps > 0, "train.profile_steps", f"must be positive, got {t.profile_steps}")
@@ -309,8 +336,9 @@ def resolve(c: ml_collections.ConfigDict, *, saved: dict | None = None, log=None
     - With `data.path`: the data must hold `data.seq_len`-token records and a vocabulary the model covers, and
       its training split at least one global batch (an error naming the key otherwise). The held-out split's
       size settles the held-out loss: `train.eval_batches` is cut to the global batches it holds, and a run
-      whose held-out split is missing or smaller than one global batch evaluates nothing; `log` (default
-      absl's warning) says so.
+      whose held-out split is missing, or smaller than one global batch when not every record is scored
+      (`train.eval_batches=0`), evaluates nothing; `log` (default absl's warning) says so.
+    - `eval.cloze` must name an existing file.
     """
     from absl import logging
 
@@ -323,9 +351,12 @@ def resolve(c: ml_collections.ConfigDict, *, saved: dict | None = None, log=None
     if not c.data.path:
         return None
     with c.unlocked():  # local paths: the same files whatever the working directory (a resume compares them)
-        for section, key in (("data", "path"), ("data", "tokenizer"), ("memory", "bank"), ("retrieval", "ids_path")):
+        for section, key in (("data", "path"), ("data", "tokenizer"), ("memory", "bank"), ("retrieval", "ids_path"),
+                             ("eval", "cloze"), ("eval", "cloze_index")):
             if c[section][key] and "://" not in c[section][key]:
                 c[section][key] = os.path.abspath(c[section][key])
+    if c.eval.cloze and not os.path.isfile(c.eval.cloze):
+        raise ConfigError(f"config.eval.cloze: no file {c.eval.cloze} (the cloze.jsonl of tools/make_entities.py)")
     meta = read_metadata(c.data.path)
     with c.unlocked():
         if c.model.vocab_size == -1:
@@ -347,9 +378,10 @@ def resolve(c: ml_collections.ConfigDict, *, saved: dict | None = None, log=None
     if c.train.eval_every:
         held = int(splits.get(c.data.eval_split, {}).get("num_records", 0))
         available = held // batch
-        if available == 0:
+        if held == 0 or (available == 0 and c.train.eval_batches):
             log(f"config.train.eval_every: held-out split {c.data.eval_split!r} of {where} holds {held} records, "
-                f"less than one global batch of {batch}: no held-out loss in this run")
+                f"less than one global batch of {batch}: no held-out loss in this run"
+                + (" (train.eval_batches=0 would score every record)" if held else ""))
             with c.unlocked():
                 c.train.eval_every = 0
         elif available < c.train.eval_batches:

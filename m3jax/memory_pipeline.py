@@ -20,6 +20,10 @@ and the memories themselves, read once per batch for the unique ids of every row
   int32 (-1 padded) and `memory_lengths` [b, M] int32 (0 = an empty id), from `References`.
 
 Everything runs in grain's read threads (`prefetch` batches ahead), so a step does not wait for the bank.
+
+The held-out batches (`memory_eval_batches`) are the stage-1 pipeline's (`m3jax.data.pipeline.eval_records`) with
+the same memory inputs; a padding row of the last batch reads nothing (memory_index and memory_ids -1, no valid key
+or zero length) and weighs nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-from m3jax.data.pipeline import global_records, iterate, local_batch_size, process_batches
+from m3jax.data.pipeline import eval_records, global_records, iterate, local_batch_size, process_batches
 from m3jax.data.records import read_metadata
 from m3jax.memory import layout as layout_lib
 from m3jax.memory.bank import MemoryBank
@@ -54,8 +58,9 @@ def shuffled_references(num_refs: int, seed: int) -> np.ndarray:
 
 def _add_slots(record: dict, ids: RetrievedIds, *, layout: str, slots: int, chunk_size: int,
                context_start: int, permutation: np.ndarray | None = None) -> dict:
-    """One record -> the record with its memory groups, slots and unique ids (positions shifted)."""
-    refs = ids[record["record"]]  # [G, R]
+    """One record -> the record with its memory groups, slots and unique ids (positions shifted). A padding record
+    (`record` -1, `m3jax.data.pipeline.padding_record`) reads nothing: every slot empty."""
+    refs = ids[record["record"]] if record["record"] >= 0 else np.full(ids.row_shape, -1, np.int32)  # [G, R]
     if permutation is not None:
         refs = np.where(refs >= 0, permutation[np.maximum(refs, 0)], -1)
     num_groups = refs.shape[0]
@@ -116,6 +121,33 @@ def make_memory_iterator(
     slots = memory.per_chunk (S), sink_len = p, ref_len: the memory positions' span. shuffle_references: the
     shuffled-memory control (`shuffled_references`, seeded by `seed`).
     """
+    records = global_records(data_dir, split, global_batch_size, seed, num_epochs, shuffle, with_index=True)
+    ds = _with_memories(records, data_dir, split, ids, source, mode=mode, layout=layout, slots=slots,
+                        chunk_size=chunk_size, sink_len=sink_len, ref_len=ref_len,
+                        global_batch_size=global_batch_size, seed=seed, process_index=process_index,
+                        process_count=process_count, shuffle_references=shuffle_references)
+    return iterate(ds, prefetch, worker_count)
+
+
+def make_memory_eval_batches(data_dir: str | os.PathLike, split: str, ids: RetrievedIds, source, *,
+                             num_batches: int | None, global_batch_size: int, process_index: int = 0,
+                             process_count: int = 1, **memory) -> list[dict[str, np.ndarray]]:
+    """The held-out batches of `split` with their memories, as this process's rows: the records of
+    `m3jax.data.pipeline.eval_records` (`num_batches`; `ALL_RECORDS` pads the last batch with rows that read
+    nothing and weigh nothing). `memory`: the memory settings of `make_memory_iterator` (mode, layout, slots,
+    chunk_size, sink_len, ref_len, seed, shuffle_references)."""
+    records = eval_records(data_dir, split, global_batch_size, num_batches, with_index=True)
+    ds = _with_memories(records, data_dir, split, ids, source, global_batch_size=global_batch_size,
+                        process_index=process_index, process_count=process_count, **memory)
+    return [ds[i] for i in range(len(ds))]
+
+
+def _with_memories(records: grain.MapDataset, data_dir, split: str, ids: RetrievedIds, source, *, mode: str,
+                   layout: str, slots: int, chunk_size: int, sink_len: int, ref_len: int, global_batch_size: int,
+                   seed: int, process_index: int, process_count: int,
+                   shuffle_references: bool) -> grain.MapDataset:
+    """`records` (global order, each with its "record" index) -> this process's batches with their memories, once
+    the ids are checked against the split and the source."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "bank" and not isinstance(source, MemoryBank):
@@ -141,13 +173,11 @@ def make_memory_iterator(
         raise ValueError(f"retrieved ids {ids.directory} cover {ids.num_records:,} records, split {split!r} of "
                          f"{data_dir} holds {split_records:,}: retrieve this split again")
     local = local_batch_size(global_batch_size, process_index, process_count)
-    ds = global_records(data_dir, split, global_batch_size, seed, num_epochs, shuffle, with_index=True)
     permutation = shuffled_references(num_refs, seed) if shuffle_references else None
-    ds = ds.map(functools.partial(_add_slots, ids=ids, layout=layout, slots=slots, chunk_size=chunk_size,
-                                  context_start=sink_len + ref_len, permutation=permutation))
+    ds = records.map(functools.partial(_add_slots, ids=ids, layout=layout, slots=slots, chunk_size=chunk_size,
+                                       context_start=sink_len + ref_len, permutation=permutation))
     ds = process_batches(ds, local, process_index, process_count)
-    ds = ds.map(functools.partial(_add_memories, mode=mode, source=source))
-    return iterate(ds, prefetch, worker_count)
+    return ds.map(functools.partial(_add_memories, mode=mode, source=source))
 
 
 def device_memory(batch: Mapping[str, jnp.ndarray], codec: str, sink_tokens, dtype=jnp.bfloat16) -> Memory:
@@ -163,6 +193,16 @@ def device_memory(batch: Mapping[str, jnp.ndarray], codec: str, sink_tokens, dty
                             sink_tokens)
 
 
+def _config_settings(config, split: str) -> dict:
+    """`make_memory_iterator`'s ids and memory settings as a run's config sets them (`memory_iterator`)."""
+    d, r, mem = config.data, config.retrieval, config.memory
+    ids_path = r.ids_path or os.path.join(d.path, f"retrieval-{split}")
+    ids = RetrievedIds.open(ids_path, expect={"seq_len": int(d.seq_len), "chunk_size": int(mem.chunk_size)})
+    return dict(ids=ids, mode=r.mode, layout=r.layout, slots=int(mem.per_chunk), chunk_size=int(mem.chunk_size),
+                ref_len=int(mem.ref_len), global_batch_size=int(d.global_batch_size), seed=int(d.shuffle_seed),
+                shuffle_references=bool(mem.shuffle_references))
+
+
 def memory_iterator(config, split: str, source, sink_len: int, *, process_index: int = 0, process_count: int = 1,
                     num_epochs: int | None = None, shuffle: bool = True) -> grain.DatasetIterator:
     """`make_memory_iterator` as a run's config sets it up: the data (`config.data`), the retrieved ids
@@ -170,12 +210,16 @@ def memory_iterator(config, split: str, source, sink_len: int, *, process_index:
     `retrieval.layout`), the memory geometry (`memory.per_chunk`, `chunk_size`, `ref_len`) and the
     shuffled-memory control (`memory.shuffle_references`). source: the bank
     (bank mode) or the knowledge base's `References` (online mode); sink_len: the sink's tokens (p)."""
-    d, r, mem = config.data, config.retrieval, config.memory
-    ids_path = r.ids_path or os.path.join(d.path, f"retrieval-{split}")
-    ids = RetrievedIds.open(ids_path, expect={"seq_len": int(d.seq_len), "chunk_size": int(mem.chunk_size)})
+    d = config.data
     return make_memory_iterator(
-        d.path, split, ids, source, mode=r.mode, layout=r.layout, slots=int(mem.per_chunk),
-        chunk_size=int(mem.chunk_size), sink_len=sink_len, ref_len=int(mem.ref_len),
-        global_batch_size=int(d.global_batch_size), seed=int(d.shuffle_seed), process_index=process_index,
-        process_count=process_count, num_epochs=num_epochs, shuffle=shuffle, worker_count=int(d.worker_count),
-        prefetch=int(d.prefetch), shuffle_references=bool(mem.shuffle_references))
+        d.path, split, source=source, sink_len=sink_len, process_index=process_index, process_count=process_count,
+        num_epochs=num_epochs, shuffle=shuffle, worker_count=int(d.worker_count), prefetch=int(d.prefetch),
+        **_config_settings(config, split))
+
+
+def memory_eval_batches(config, split: str, source, sink_len: int, *, num_batches: int | None,
+                        process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """`make_memory_eval_batches` as a run's config sets it up (the settings of `memory_iterator`)."""
+    return make_memory_eval_batches(config.data.path, split, source=source, sink_len=sink_len,
+                                    num_batches=num_batches, process_index=process_index,
+                                    process_count=process_count, **_config_settings(config, split))

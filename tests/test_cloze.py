@@ -1,15 +1,17 @@
-"""Cloze evaluation with memory (m3jax/infer/cloze.py): batched greedy generation equals a naive loop of full
-forwards, each arm reads the memory it names, exact-match scoring, retrieval against a naive search, and bad
-inputs named."""
+"""Cloze evaluation with memory (m3jax/evals/cloze.py, also importable as m3jax.infer.cloze): batched greedy
+generation equals a naive loop of full forwards, on one device and on a mesh; each arm reads the memory it names;
+exact-match scoring; retrieval against a naive search; bad inputs named."""
 
 import jax
 import numpy as np
 import pytest
 from test_memory import random_params
 
+from m3jax import parallel
 from m3jax.data import entities
 from m3jax.data.tokenizer import Tokenizer
-from m3jax.infer import cloze
+from m3jax.evals import cloze
+from m3jax.infer import cloze as infer_cloze
 from m3jax.memory import bank as bank_lib
 from m3jax.model import ModelConfig
 from m3jax.model import params as params_lib
@@ -30,7 +32,7 @@ def setup(memory_kb):
                                     expect_tokenizer=bank_lib.tokenizer_hash(memory_kb["tokenizer"]),
                                     allow_other_checkpoint=True)
     items = entities.cloze_items(entities.generate(3, 0.0, seed=1))[::4]  # 8 items, several prompt lengths
-    return {"cfg": cfg, "params": random_params(cfg, 11), "bank": bank, "sink": memory_kb["sink"],
+    return {"config": config, "cfg": cfg, "params": random_params(cfg, 11), "bank": bank, "sink": memory_kb["sink"],
             "tokenizer": Tokenizer(memory_kb["tokenizer"]), "prompts": [it["prompt"] for it in items]}
 
 
@@ -73,6 +75,17 @@ def test_batched_greedy_generation_equals_naive_full_forwards(setup):
     assert with_memory.tolist() == want, "generation with memory differs from the naive loop"
     assert plain.tolist() == naive_greedy(cfg, params, prompts, STEPS), "generation without memory differs"
     assert (with_memory != plain).any(), "memory changed no generated token: the comparison proves little"
+
+    # Where a training run's parameters live: 8 devices, parameters sharded over fsdp, the prompts' activations
+    # over data x fsdp by the logical rules; the tokens come back replicated.
+    config = setup["config"].mesh.copy_and_resolve_references()
+    config.update(data=-1, fsdp=2)
+    mesh = parallel.make_mesh(config)
+    sharded = jax.device_put(params, params_lib.param_shardings(cfg, mesh, parallel.DEFAULT_LOGICAL_AXIS_RULES))
+    on_mesh = cloze.greedy_generate(sharded, cfg, tokens, lengths,
+                                    cloze.single_slot_memory(bank, ids, sink, cfg.compute_dtype), STEPS, mesh=mesh,
+                                    rules=parallel.DEFAULT_LOGICAL_AXIS_RULES)
+    assert on_mesh.tolist() == want, "generation on a mesh differs from the naive loop"
 
 
 def test_arms_read_the_memories_they_name(setup):
@@ -171,3 +184,8 @@ def test_bad_inputs_are_named(setup):
         cloze.greedy_generate(params, cfg, np.ones((1, 2), np.int32), np.asarray([2]), cloze.no_memory(cfg, 1), 0)
     with pytest.raises(ValueError, match=r"prompt lengths must be in \[1, 2\]"):
         cloze.left_pad([[1, 2, 3]], 2)
+
+
+def test_the_infer_room_names_the_evals_functions():
+    """tools import cloze from m3jax.infer: every name there is the evals room's own object."""
+    assert infer_cloze.__all__ and all(getattr(infer_cloze, n) is getattr(cloze, n) for n in infer_cloze.__all__)

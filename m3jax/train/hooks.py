@@ -1,9 +1,9 @@
-"""What hangs off the training loop: periodic hooks (logging, held-out loss, checkpoints, profiling).
+"""What hangs off the training loop: periodic hooks (logging, held-out evaluation, checkpoints, profiling).
 
 A hook is a function of a `StepInfo`, run after every `every`-th good step (a step the spike guard did not roll
 back), at the invocation's last step when `at_end`, and before the first step when `at_start`. The loop runs
 them in the order they were added; their wall time is not counted as training time in the throughput figures.
-Another evaluation (e.g. with memory) is one more hook.
+Held-out evaluations share one hook, so that their metrics share one line (`m3jax.train.loop.evaluation`).
 """
 
 from __future__ import annotations
@@ -91,9 +91,10 @@ def log_hook(every: int, writer, meter: Throughput, summary: dict, *, tokens_per
 
 def eval_hook(every: int, evaluate: Callable[[Any], dict[str, float]], writer, summary: dict,
               prefix: str = "eval") -> Hook:
-    """`evaluate(params) -> {"loss": ..., variants...}` every `every` steps, at the end, and at step 0 of a fresh
-    run: one line (stdout, metrics.jsonl, TensorBoard) with every metric side by side. The summary keeps
-    summary[prefix][step] = the loss, and summary[f"{prefix}/{name}"][step] for each variant."""
+    """`evaluate(params) -> {"loss": ..., other metrics...}` (`m3jax.train.loop.evaluation`: the held-out losses,
+    the entities' accuracy) every `every` steps, at the end, and at step 0 of a fresh run: one line (stdout,
+    metrics.jsonl, TensorBoard) with every metric side by side. The summary keeps summary[prefix][step] = the loss,
+    and summary[f"{prefix}/{name}"][step] for each other metric."""
 
     def fn(info: StepInfo) -> None:
         if info.metrics is None and info.step != 0:

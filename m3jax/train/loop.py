@@ -2,7 +2,7 @@
 
 The loop's core trains a task's batches (`m3jax.train.tasks`) and owns what can interrupt a run: the spike guard
 (roll back to the last good checkpoint) and preemption (save and exit). Everything periodic — logging, held-out
-loss, checkpoints, profiling — is a hook (`m3jax.train.hooks`); `train(..., hooks=[...])` adds more.
+evaluation, checkpoints, profiling — is a hook (`m3jax.train.hooks`); `train(..., hooks=[...])` adds more.
 
 Each invocation writes a `start` record to metrics.jsonl before its steps (the step it starts at; `resumed`: 1 when
 restored from a checkpoint), so the steps each invocation trained can be told apart. Fault points (`m3jax.faults`)
@@ -25,6 +25,7 @@ from absl import logging
 from m3jax import checkpoint as ckpt_lib
 from m3jax import faults, parallel
 from m3jax.config import ConfigError, differences, resolve, validate
+from m3jax.evals.entities import EntityEval
 from m3jax.model import ModelConfig
 from m3jax.model import params as params_lib
 from m3jax.model.config import ARCHITECTURE_FIELDS
@@ -108,7 +109,7 @@ def describe_model(config: ml_collections.ConfigDict) -> dict:
 
 def held_out_loss(trainer: Trainer, batches) -> Callable[[Any], dict[str, float]]:
     """params -> the task's held-out metrics ("loss" and its variants, `Task.eval_sums`), each the mean over the
-    fixed held-out `batches` (this process's rows of each)."""
+    fixed held-out `batches` (this process's rows of each), and "tokens", the tokens they weigh."""
 
     def evaluate(params) -> dict[str, float]:
         sums: dict[str, list[float]] = {}
@@ -118,9 +119,25 @@ def held_out_loss(trainer: Trainer, batches) -> Callable[[Any], dict[str, float]
                 acc = sums.setdefault(name, [0.0, 0.0])
                 acc[0] += float(s["nll_sum"])
                 acc[1] += float(s["weight"])
-        return {name: nll / max(weight, 1.0) for name, (nll, weight) in sums.items()}
+        means = {name: nll / max(weight, 1.0) for name, (nll, weight) in sums.items()}
+        return {**means, "tokens": sums["loss"][1]}
 
     return evaluate
+
+
+def evaluation(config: ml_collections.ConfigDict, trainer: Trainer,
+               eval_batches) -> Callable[[Any], dict[str, float]] | None:
+    """params -> every held-out metric of the run, side by side in one evaluation line: the task's losses on the
+    held-out batches (`held_out_loss`) and, with `eval.cloze`, the held-out entities' accuracy (`EntityEval`, set
+    up here, once). None when the run evaluates nothing."""
+    parts = [held_out_loss(trainer, eval_batches)] if eval_batches else []
+    if config.eval.cloze:
+        task = trainer.task
+        parts.append(EntityEval(config, trainer.model_cfg, task.tokenizer(), task.source(), task.sink_tokens(),
+                                mesh=trainer.mesh, rules=trainer.rules))
+    if not parts:
+        return None
+    return lambda params: {name: value for part in parts for name, value in part(params).items()}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, batch_hook=None,
@@ -200,15 +217,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batch_hook=None,
     # On CPU the measured matmul already uses every core of a process; accelerators count per device.
     total_peak = peak * (nproc if jax.devices()[0].platform == "cpu" else jax.device_count())
     profiler = hooks_lib.Profiler(config.train, workdir, proc)
-    eval_batches = task.eval_batches(proc, nproc)
+    evaluate = evaluation(config, trainer, task.eval_batches(proc, nproc))
     all_hooks = [
         hooks_lib.log_hook(int(config.train.log_every), writer, meter, summary,
                            tokens_per_step=int(config.data.global_batch_size) * int(config.data.seq_len),
                            flops_per_token=flops_lib.train_flops_per_token(trainer.model_cfg,
                                                                            int(config.data.seq_len)),
                            peak_flops=total_peak),
-        *([hooks_lib.eval_hook(int(config.train.eval_every), held_out_loss(trainer, eval_batches), writer, summary)]
-          if eval_batches else []),
+        *([hooks_lib.eval_hook(int(config.train.eval_every), evaluate, writer, summary)] if evaluate else []),
         hooks_lib.checkpoint_hook(int(config.train.checkpoint_every), save),
         profiler.hook(),
         *hooks,

@@ -86,7 +86,9 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def eval_batches(self, process_index: int, process_count: int) -> list[dict[str, np.ndarray]]:
-        """This process's rows of the fixed held-out batches ([] when the run has none)."""
+        """This process's rows of the fixed held-out batches ([] when the run has none): `train.eval_batches`
+        global batches of `data.eval_split`, or every record of it (0, the last batch padded with rows of loss
+        weight 0)."""
 
 
 class LmTask(Task):
@@ -237,6 +239,16 @@ class MemoryTask(LmTask):
     def _data_tokenizer_sha256(self) -> str:
         return read_metadata(self.config.data.path)["tokenizer_sha256"]
 
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer that wrote the data: `data.tokenizer`, else the one the data's metadata names."""
+        c = self.config
+        tokenizer = Tokenizer(c.data.tokenizer or read_metadata(c.data.path)["tokenizer_path"])
+        if tokenizer.sha256 != self._data_tokenizer_sha256():
+            raise ConfigError(f"config.data.tokenizer: {tokenizer.path} is not the tokenizer that wrote "
+                              f"data.path={c.data.path} (sha256 {tokenizer.sha256[:12]}… vs "
+                              f"{self._data_tokenizer_sha256()[:12]}…)")
+        return tokenizer
+
     def _open_bank(self):
         c = self.config
         if not c.memory.bank:
@@ -267,33 +279,22 @@ class MemoryTask(LmTask):
             if not c[section][name]:
                 raise ConfigError(f"config.{key}: retrieval.mode='online' encodes the knowledge base's references "
                                   "in every step; it needs memory.knowledge and data.tokenizer")
-        tokenizer = Tokenizer(c.data.tokenizer)
-        if tokenizer.sha256 != self._data_tokenizer_sha256():
-            raise ConfigError(f"config.data.tokenizer: {c.data.tokenizer} is not the tokenizer that wrote "
-                              f"data.path={c.data.path} (sha256 {tokenizer.sha256[:12]}… vs "
-                              f"{self._data_tokenizer_sha256()[:12]}…)")
+        tokenizer = self.tokenizer()
         refs = knowledge_lib.load_references(c.memory.knowledge, tokenizer, int(c.memory.ref_len))
         return refs, knowledge_lib.sink_tokens(tokenizer, c.memory.sink_text)
 
-    def _iterator(self, split: str, process_index: int, process_count: int, **kwargs):
-        source = self.source()
-        return memory_pipeline.memory_iterator(self.config, split, source, len(self._sink),
-                                               process_index=process_index, process_count=process_count, **kwargs)
-
     def train_iterator(self, process_index, process_count):
-        return self._iterator(self.config.data.train_split, process_index, process_count)
+        return memory_pipeline.memory_iterator(self.config, self.config.data.train_split, self.source(),
+                                               len(self.sink_tokens()), process_index=process_index,
+                                               process_count=process_count)
 
     def eval_batches(self, process_index, process_count):
         c = self.config
         if not c.train.eval_every:
             return []
-        it = self._iterator(c.data.eval_split, process_index, process_count, num_epochs=1, shuffle=False)
-        batches = []
-        for batch in it:
-            batches.append(batch)
-            if len(batches) == int(c.train.eval_batches):
-                break
-        return batches
+        return memory_pipeline.memory_eval_batches(
+            c, c.data.eval_split, self.source(), len(self.sink_tokens()), num_batches=int(c.train.eval_batches),
+            process_index=process_index, process_count=process_count)
 
 
 def task_for(config: ml_collections.ConfigDict) -> Task:

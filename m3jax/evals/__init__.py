@@ -1,0 +1,1 @@
+"""Evaluations built on generation: cloze completion with memory and the held-out entities scored in training."""
