@@ -18,5 +18,6 @@ def get_config():
     c.memory.read = True
     c.retrieval.update(mode="bank", layout="paper", refs_per_chunk=1)
     c.optimizer.update(peak_lr=1e-3, warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.05)
-    c.train.update(num_steps=150, log_every=10, eval_every=50, eval_batches=0, checkpoint_every=50)  # 0: every held-out record
+    # eval_batches=0: every held-out record is scored
+    c.train.update(num_steps=150, log_every=10, eval_every=50, eval_batches=0, checkpoint_every=50)
     return c

@@ -48,6 +48,8 @@ _WARMUP_TEXT = flags.DEFINE_enum("warmup_text", "corpus", ["corpus", "train"],
 _SHARE_FROM = flags.DEFINE_string("share_from", "", "Another workdir of this bench whose entities, tokenizer, data, "
                                   "warm-up and retrieved ids this run reuses (a sweep over stage-2 settings); "
                                   "its data-shaping flags must equal this run's.")
+_OVERRIDES = flags.DEFINE_list("overrides", [], "More config settings (key=value, comma-separated) for every tool, "
+                                "e.g. a smaller model: model.hidden_size=128,model.mlp_dim=256.")
 _CONTROLS = flags.DEFINE_bool("controls", True, "Also train the memory-off control run.")
 _PEAK_LR = flags.DEFINE_float("peak_lr", 1e-3, "Stage 2's peak learning rate.", lower_bound=0.0)
 _VOCAB = flags.DEFINE_integer("vocab_size", 2048, "Tokenizer vocabulary.", lower_bound=300)
@@ -71,7 +73,9 @@ ARM_ORDER = ("retrieved", "oracle", "shuffled", "empty", "off")
 
 
 def memory_flags() -> list[str]:
-    return [f"--config.memory.k={_K.value}", f"--config.memory.layers={_LAYERS.value}"]
+    """Config settings every tool of the pipeline gets: the memory geometry and --overrides."""
+    return [f"--config.memory.k={_K.value}", f"--config.memory.layers={_LAYERS.value}",
+            *(f"--config.{o}" for o in _OVERRIDES.value)]
 
 
 def main(argv):
@@ -133,7 +137,7 @@ def main(argv):
     b.seconds["cloze"] = time.perf_counter() - t0
     results["stage_seconds"] = b.seconds
     settings = (_NUM_ENTITIES, _BIOS, _MIX_RATIO, _WARMUP_TEXT, _VOCAB, _TRAIN_BATCH, _WARMUP_STEPS, _STAGE2_STEPS,
-                _PEAK_LR, _K, _LAYERS, _SEED, _EVAL_ENTITIES, _GEN_STEPS, _CONTROLS, _SHARE_FROM)
+                _PEAK_LR, _K, _LAYERS, _OVERRIDES, _SEED, _EVAL_ENTITIES, _GEN_STEPS, _CONTROLS, _SHARE_FROM)
     results["settings"] = {f.name: f.value for f in settings}
     (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(render(results))
