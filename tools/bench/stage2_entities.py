@@ -4,17 +4,21 @@ trained on?
     python tools/bench/stage2_entities.py --workdir=runs/stage2_entities [--reuse] [--num_entities=300 ...]
 
 Stages (real components; each one's wall time is measured and kept in WORKDIR/stages/, and `--reuse` skips a
-stage whose record exists):
-  entities   tools/make_entities.py: fictional people; held-out ones exist only in the knowledge base
-  tokenizer  tools/train_tokenizer.py on the training text
-  data       tools/prepare_data.py at seq_len 256
-  warmup     configs/demo.py's model, LM objective, --warmup_steps
-  bank       tools/write_memory.py: the knowledge base's memories, written by the warm-up checkpoint
-  index      tools/build_index.py;  retrieve: tools/retrieve.py (the train split's reference ids)
+stage whose record exists; `--share_from=OTHER` takes OTHER's entities, tokenizer, data, warm-up and retrieved ids,
+so a sweep over stage-2 settings (k, memory layers, steps, learning rate) retrains only stage 2):
+  entities     tools/make_entities.py: fictional people; held-out ones exist only in the knowledge base; the
+               stage-2 text is their bios mixed with the embedded corpus (--mix_ratio of the characters)
+  tokenizer    tools/train_tokenizer.py on the stage-2 text
+  data         tools/prepare_data.py at seq_len 256 (the stage-2 text)
+  data_warmup  the embedded corpus alone (--warmup_text=corpus, the default): no entity's facts are in the
+               weights when stage 2 starts, so whatever it gets right it learned in stage 2
+  warmup       configs/demo.py's model, LM objective, --warmup_steps
+  bank         tools/write_memory.py: the knowledge base's memories, written by the warm-up checkpoint
+  index        tools/build_index.py;  retrieve: tools/retrieve.py (the train split's reference ids)
   stage2_memory  configs/continued_demo.py (bank mode) from the warm-up checkpoint, --stage2_steps
-  stage2_off     the control: the same init, steps, data order and schedule, memory.read=False
-  bank_*     banks rewritten by each stage-2 checkpoint (the "rewritten" rows)
-  cloze      m3jax/infer/cloze.py on --eval_entities held-out and training entities, every arm, every model
+  stage2_off     (--controls) the same init, steps, data order and schedule, memory.read=False
+  bank_*       banks rewritten by each stage-2 checkpoint (the "rewritten" rows)
+  cloze        m3jax/infer/cloze.py on --eval_entities held-out and training entities, every arm, every model
 
 Prints a table of exact-match accuracy per arm (retrieved, oracle, shuffled, empty, off) and the retrieval
 recall@1, and writes WORKDIR/results.json (per attribute too). A stage-2 model is evaluated with the warm-up's
