@@ -138,6 +138,7 @@ def main(argv):
 
     t0 = time.perf_counter()
     results = evaluate(b, spm, knowledge, bank)
+    results["writer_selection"] = writer_selection(b, spm, knowledge, bank)
     b.seconds["cloze"] = time.perf_counter() - t0
     results["stage_seconds"] = b.seconds
     settings = (_NUM_ENTITIES, _BIOS, _MIX_RATIO, _WARMUP_TEXT, _VOCAB, _TRAIN_BATCH, _WARMUP_STEPS, _STAGE2_STEPS,
@@ -224,6 +225,66 @@ def evaluate(b: Bench, spm: str, knowledge: str, warm_bank: str) -> dict:
             "rows": rows}
 
 
+def writer_selection(b: Bench, spm: str, knowledge: str, bank_path: str, max_refs: int = 200) -> dict:
+    """Which tokens of the entity references the bank kept (the writer's top-k by attention received): per memory
+    layer, the share of attribute values whose first token some head of the layer kept, the share one head keeps
+    on average, and the pieces kept most often. A value whose tokens no layer kept cannot be read."""
+    import collections
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from m3jax.checkpoint import load_model
+    from m3jax.data.entities import ATTRIBUTES
+    from m3jax.data.tokenizer import Tokenizer
+    from m3jax.memory import bank as bank_lib
+    from m3jax.memory import knowledge as knowledge_lib
+
+    tokenizer = Tokenizer(spm)
+    cfg = load_model(b.path("warmup")).model_config
+    bank = bank_lib.MemoryBank.open(bank_path, expect_architecture=bank_lib.architecture(cfg),
+                                    expect_tokenizer=tokenizer.sha256)
+    sink_len = len(bank.metadata["sink_tokens"])
+    refs = knowledge_lib.load_references(knowledge, tokenizer, cfg.memory_ref_len)
+    meta = json.loads(Path(b.path("entities", "entities.json")).read_text())
+    first_ref = np.searchsorted(refs.doc_index, np.arange(len(refs.doc_ids)))
+    n = min(max_refs, len(meta["entities"]))
+    _, positions = bank.gather(first_ref[:n, None], dtype=jnp.float32)
+    positions = np.asarray(positions)[:, 0] - sink_len  # [n, Lm, mkv, k] token index in the reference (<0: none)
+    layers = positions.shape[1]
+    any_head = np.zeros((n, layers, len(ATTRIBUTES)), bool)
+    per_head = np.zeros((n, layers, len(ATTRIBUTES)))
+    pieces: collections.Counter = collections.Counter()
+    for i in range(n):
+        r = first_ref[i]
+        tokens = refs.tokens[refs.starts[r]:refs.starts[r] + refs.lengths[r]].tolist()
+        starts = [len(tokenizer.decode(tokens[:j])) for j in range(len(tokens) + 1)]
+        text = tokenizer.decode(tokens)
+        values = meta["entities"][i]["values"]
+        # each value's first token: the last token starting at or before the value's first character
+        cursor, first_tokens = 0, []
+        for a in ATTRIBUTES:
+            c = text.find(values[a.name], cursor)
+            cursor = c + len(values[a.name])
+            first_tokens.append(max(j for j in range(len(tokens)) if starts[j] <= c))
+        for layer in range(layers):
+            kept = [set(positions[i, layer, h][positions[i, layer, h] >= 0].tolist())
+                    for h in range(positions.shape[2])]
+            union = set().union(*kept)
+            any_head[i, layer] = [t in union for t in first_tokens]
+            per_head[i, layer] = [np.mean([t in k for k in kept]) for t in first_tokens]
+            pieces.update(tokenizer.decode([tokens[t]]).strip() or repr(tokenizer.decode([tokens[t]]))
+                          for t in union if t < len(tokens))
+    return {"references": n, "k": int(positions.shape[-1]), "mean_tokens": float(refs.lengths[first_ref[:n]].mean()),
+            "memory_layers": list(cfg.memory_layers),
+            "value_kept_by_some_head": [float(any_head[:, layer].mean()) for layer in range(layers)],
+            "value_kept_by_one_head": [float(per_head[:, layer].mean()) for layer in range(layers)],
+            "value_kept_by_some_layer": float(any_head.any(axis=1).mean()),
+            "by_attribute_some_layer": {a.name: float(any_head[:, :, j].any(axis=1).mean())
+                                        for j, a in enumerate(ATTRIBUTES)},
+            "most_kept_pieces": pieces.most_common(12)}
+
+
 def render(results: dict) -> str:
     chance = results["majority_chance_heldout"]
     lines = [f"cloze exact match, {results['entities']['heldout']} held-out and {results['entities']['train']} "
@@ -235,6 +296,13 @@ def render(results: dict) -> str:
             s = row["summary"][split]
             lines.append(f"{name:<30} {split:<8} " + " ".join(f"{s['accuracy'][a]:>9.3f}" for a in ARM_ORDER)
                          + f" {s['recall_at_1']:>9.3f}")
+    w = results["writer_selection"]
+    lines.append(f"writer (k={w['k']}, {w['references']} references of {w['mean_tokens']:.0f} tokens): "
+                 f"attribute values kept by some head, per memory layer {w['memory_layers']}: "
+                 + ", ".join(f"{v:.2f}" for v in w["value_kept_by_some_head"])
+                 + "; by one head: " + ", ".join(f"{v:.2f}" for v in w["value_kept_by_one_head"])
+                 + f"; by some layer: {w['value_kept_by_some_layer']:.2f}; most kept: "
+                 + ", ".join(f"{p!r} {c}" for p, c in w["most_kept_pieces"][:8]))
     lines.append("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["stage_seconds"].items()))
     return "\n".join(lines)
 
