@@ -174,7 +174,7 @@ def evaluate(b: Bench, spm: str, knowledge: str, warm_bank: str) -> dict:
     prompts = [it["prompt"] for it in items]
 
     warm = load_model(b.path("warmup"))
-    cfg = warm.model_config
+    cfg = load_model(b.path("stage2_memory")).model_config  # the memory geometry of stage 2 (and of the banks)
     refs = knowledge_lib.load_references(knowledge, tokenizer, cfg.memory_ref_len)
     first_ref = np.searchsorted(refs.doc_index, np.arange(len(refs.doc_ids)))  # each entity's first reference
     spans = np.bincount(refs.doc_index, minlength=len(refs.doc_ids))
@@ -241,7 +241,7 @@ def writer_selection(b: Bench, spm: str, knowledge: str, bank_path: str, max_ref
     from m3jax.memory import knowledge as knowledge_lib
 
     tokenizer = Tokenizer(spm)
-    cfg = load_model(b.path("warmup")).model_config
+    cfg = load_model(b.path("stage2_memory")).model_config
     bank = bank_lib.MemoryBank.open(bank_path, expect_architecture=bank_lib.architecture(cfg),
                                     expect_tokenizer=tokenizer.sha256)
     sink_len = len(bank.metadata["sink_tokens"])
