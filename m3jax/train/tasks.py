@@ -242,11 +242,12 @@ class MemoryTask(LmTask):
     def tokenizer(self) -> Tokenizer:
         """The tokenizer that wrote the data: `data.tokenizer`, else the one the data's metadata names."""
         c = self.config
-        tokenizer = Tokenizer(c.data.tokenizer or read_metadata(c.data.path)["tokenizer_path"])
-        if tokenizer.sha256 != self._data_tokenizer_sha256():
+        meta = read_metadata(c.data.path)
+        tokenizer = Tokenizer(c.data.tokenizer or meta["tokenizer_path"])
+        if tokenizer.sha256 != meta["tokenizer_sha256"]:
             raise ConfigError(f"config.data.tokenizer: {tokenizer.path} is not the tokenizer that wrote "
                               f"data.path={c.data.path} (sha256 {tokenizer.sha256[:12]}… vs "
-                              f"{self._data_tokenizer_sha256()[:12]}…)")
+                              f"{meta['tokenizer_sha256'][:12]}…)")
         return tokenizer
 
     def _open_bank(self):
