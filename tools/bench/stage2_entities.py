@@ -9,7 +9,7 @@ so a sweep over stage-2 settings (k, memory layers, steps, learning rate) retrai
   entities     tools/make_entities.py: fictional people; held-out ones exist only in the knowledge base; the
                stage-2 text is their bios mixed with the embedded corpus (--mix_ratio of the characters)
   tokenizer    tools/train_tokenizer.py on the stage-2 text
-  data         tools/prepare_data.py at seq_len 256 (the stage-2 text)
+  data         tools/prepare_data.py at --seq_len (256) (the stage-2 text)
   data_warmup  the embedded corpus alone (--warmup_text=corpus, the default): no entity's facts are in the
                weights when stage 2 starts, so whatever it gets right it learned in stage 2
   warmup       configs/demo.py's model, LM objective, --warmup_steps
@@ -66,7 +66,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the entities, the model's init 
 _EVAL_ENTITIES = flags.DEFINE_integer("eval_entities", 50, "Entities of each split (held out, training) whose "
                                       "cloze items are evaluated.", lower_bound=2)
 _GEN_STEPS = flags.DEFINE_integer("gen_tokens", 6, "Greedy tokens generated per prompt.", lower_bound=1)
-_TRAIN_BATCH = flags.DEFINE_integer("batch_size", 8, "Training sequences (of 256 tokens) per step.", lower_bound=1)
+_TRAIN_BATCH = flags.DEFINE_integer("batch_size", 8, "Training sequences (of --seq_len tokens) per step.",
+                                    lower_bound=1)
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Training sequence length of both stages (a multiple of "
+                                "memory.chunk_size = 64).", lower_bound=64)
 _BATCH = flags.DEFINE_integer("eval_batch", 64, "Prompts per generation batch.", lower_bound=1)
 
 # Stages a sweep point takes from --share_from (the bank and index depend on memory.k: they are its own) and the
@@ -98,7 +101,8 @@ def main(argv):
     warm_data = b.path("data_warmup") if _WARMUP_TEXT.value == "corpus" else data
     demo_flags = [f"--config.seed={_SEED.value}", f"--config.data.shuffle_seed={_SEED.value}",
                   "--config.train.eval_every=0", "--config.train.log_every=10",
-                  f"--config.data.global_batch_size={_TRAIN_BATCH.value}", *memory_flags()]
+                  f"--config.data.global_batch_size={_TRAIN_BATCH.value}",
+                  f"--config.data.seq_len={_SEQ_LEN.value}", *memory_flags()]
 
     b.stage("entities", lambda: b.run("tools/make_entities.py", f"--out={ent}", f"--seed={_SEED.value}",
                                       f"--num_entities={_NUM_ENTITIES.value}", f"--bios_per_entity={_BIOS.value}",
@@ -106,10 +110,10 @@ def main(argv):
     b.stage("tokenizer", lambda: b.run("tools/train_tokenizer.py", f"--corpus={ent}/train.jsonl",
                                        f"--out={spm[:-len('.model')]}", f"--vocab_size={_VOCAB.value}"))
     b.stage("data", lambda: b.run("tools/prepare_data.py", f"--corpus={ent}/train.jsonl", f"--tokenizer={spm}",
-                                  f"--out={data}", "--seq_len=256"))
+                                  f"--out={data}", f"--seq_len={_SEQ_LEN.value}"))
     if _WARMUP_TEXT.value == "corpus":
         b.stage("data_warmup", lambda: b.run("tools/prepare_data.py", "--corpus=embedded", f"--tokenizer={spm}",
-                                             f"--out={warm_data}", "--seq_len=256"))
+                                             f"--out={warm_data}", f"--seq_len={_SEQ_LEN.value}"))
     b.stage("warmup", lambda: b.run("-m", "m3jax.train", "--config=configs/demo.py", f"--workdir={warm}",
                                     f"--config.data.path={warm_data}", f"--config.train.num_steps={w}",
                                     f"--config.train.checkpoint_every={w}", *demo_flags,
