@@ -37,7 +37,7 @@ def examples(rng: np.random.Generator, b: int) -> dict[str, np.ndarray]:
     values = FIRST_VALUE + VALUES_PER_CATEGORY * np.arange(CATEGORIES) + rng.integers(
         0, VALUES_PER_CATEGORY, (b, CATEGORIES))
     ref = FILLER + rng.integers(0, FILLERS, (b, REF_LEN))
-    for row, v in zip(ref, values):
+    for row, v in zip(ref, values, strict=True):
         row[rng.choice(REF_LEN, CATEGORIES, replace=False)] = v
     order = np.argsort(rng.random((b, CATEGORIES)), axis=1)
     seq = np.full((b, 2 * CATEGORIES + 1), START)

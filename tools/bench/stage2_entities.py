@@ -56,6 +56,10 @@ _OVERRIDES = flags.DEFINE_list("overrides", [], "More config settings (key=value
                                 "e.g. a smaller model: model.hidden_size=128,model.mlp_dim=256.")
 _CONTROLS = flags.DEFINE_bool("controls", True, "Also train the memory-off control run.")
 _PEAK_LR = flags.DEFINE_float("peak_lr", 1e-3, "Stage 2's peak learning rate.", lower_bound=0.0)
+_MODE = flags.DEFINE_enum("mode", "bank", ["bank", "online"], "Stage 2's retrieval.mode: the warm-up's bank, or "
+                          "the references encoded in every step by the parameters being trained.")
+_ENCODE_GRAD = flags.DEFINE_bool("encode_grad", False, "Online mode: gradients through the encoding "
+                                 "(memory.encode_grad), so that the writer learns what to keep.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 2048, "Tokenizer vocabulary.", lower_bound=300)
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 400, "Warm-up (LM) training steps.", lower_bound=1)
 _STAGE2_STEPS = flags.DEFINE_integer("stage2_steps", 1000, "Stage-2 steps (memory run and its control).",
@@ -83,6 +87,16 @@ def memory_flags() -> list[str]:
     """Config settings every tool of the pipeline gets: the memory geometry and --overrides."""
     return [f"--config.memory.k={_K.value}", f"--config.memory.layers={_LAYERS.value}",
             *(f"--config.{o}" for o in _OVERRIDES.value)]
+
+
+def stage2_mode_flags(knowledge: str, spm: str) -> list[str]:
+    """Stage 2's memory mode: bank (the default config's) or online, with or without the encoding's gradient."""
+    if _MODE.value == "bank":
+        if _ENCODE_GRAD.value:
+            raise app.UsageError("--encode_grad needs --mode=online: a bank's memories are constants")
+        return []
+    return ["--config.retrieval.mode=online", f"--config.memory.knowledge={knowledge}",
+            f"--config.data.tokenizer={spm}", f"--config.memory.encode_grad={_ENCODE_GRAD.value}"]
 
 
 def main(argv):
@@ -136,7 +150,7 @@ def main(argv):
             "-m", "m3jax.train", "--config=configs/continued_demo.py", f"--workdir={b.path(name)}",
             f"--config.init_from={warm}/checkpoints/{w}", f"--config.data.path={data}", f"--config.memory.bank={bank}",
             f"--config.train.num_steps={s}", f"--config.train.checkpoint_every={s}", *demo_flags, *extra,
-            f"--config.optimizer.peak_lr={_PEAK_LR.value}",
+            f"--config.optimizer.peak_lr={_PEAK_LR.value}", *stage2_mode_flags(knowledge, spm),
             f"--config.optimizer.warmup_steps={min(10, max(1, s // 10))}"))
         b.stage(f"bank_{name}", lambda name=name: write_bank(b.path(name), b.path(f"bank_{name}")))
 
@@ -146,7 +160,8 @@ def main(argv):
     b.seconds["cloze"] = time.perf_counter() - t0
     results["stage_seconds"] = b.seconds
     settings = (_NUM_ENTITIES, _BIOS, _MIX_RATIO, _WARMUP_TEXT, _VOCAB, _TRAIN_BATCH, _WARMUP_STEPS, _STAGE2_STEPS,
-                _PEAK_LR, _K, _LAYERS, _OVERRIDES, _SEED, _EVAL_ENTITIES, _GEN_STEPS, _CONTROLS, _SHARE_FROM)
+                _PEAK_LR, _MODE, _ENCODE_GRAD, _K, _LAYERS, _OVERRIDES, _SEED, _EVAL_ENTITIES, _GEN_STEPS, _CONTROLS,
+                _SHARE_FROM)
     results["settings"] = {f.name: f.value for f in settings}
     (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(render(results))
