@@ -68,7 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     mem.bank_other_checkpoint = False  # True: read a bank written by another checkpoint than init_from (its age logged)
     # online: the references' tokens, encoded in every step by the parameters being trained (the paper's way).
     mem.knowledge = ""  # the knowledge base the ids index (online mode), as tools/write_memory.py --knowledge reads
-    mem.encode_grad = False  # online: gradients flow through the encoding too (default: stop_gradient)
+    # online: gradients flow through the encoding too, so that the writer learns what to keep (False: stop_gradient;
+    # tests/test_memory_learning.py measures why the default is True)
+    mem.encode_grad = True
     # The shuffled-memory control: every retrieved id mapped through a fixed random permutation of the references
     # (same slots and counts, random content). The memory-off control is memory.read=False with the same settings.
     mem.shuffle_references = False

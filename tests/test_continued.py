@@ -250,7 +250,9 @@ def test_online_encoding_is_a_constant_of_the_step_unless_encode_grad(memory_kb,
     changes the gradient of the memory layers' parameters."""
     cfg = ModelConfig.from_config(memory_kb["config"].model, memory_kb["config"].memory)
     params = random_params(cfg, 3, std=0.15)
-    trainer, p, batch = first_batch(continued_config(memory_kb, kb_retrieval, "online"), params)
+    config = continued_config(memory_kb, kb_retrieval, "online")
+    config.memory.encode_grad = False
+    trainer, p, batch = first_batch(config, params)
     task = trainer.task
     constant = task.memory(params_lib.model_from(cfg, p), batch)
 

@@ -136,9 +136,11 @@ class MemoryTask(LmTask):
       Memories of a bank do not change while the memory layers train: at step s they are s steps old.
     - "online": the references' tokens (`memory.knowledge`, tokenized by `data.tokenizer`), encoded in the step by
       the parameters being trained, through the memory layers only, one forward per unique reference. With
-      `memory.encode_grad=False` (default) the encoding is a constant of the step (stop_gradient): the memory
-      layers learn to read memories, not to write them, as a bank's readers do; True also trains the writing
-      side, at the cost of the encoder's backward pass and of its activations kept for it.
+      `memory.encode_grad=True` (default) the loss is differentiated through the encoding too, so the writing
+      side trains with the reading side, at the cost of the encoder's backward pass and of its activations;
+      False makes the encoding a constant of the step (stop_gradient), as a bank's memories are. A sparse
+      writer (k < the reference's tokens) learns what to keep only through that gradient
+      (tests/test_memory_learning.py).
 
     The schema depends on the config alone (the dry run and the TPU fit check lower a memory step without data);
     the bank or knowledge base is opened when the data is.
