@@ -15,6 +15,8 @@ Measured with this file's settings (300 steps, seeds 0, 1, 2; chance 0.0625):
 - k = 8: 1.00, 0.99, 1.00 with the gradient vs 0.18, 0.41, 0.45 without.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +120,27 @@ def test_a_sparse_writer_learns_what_to_keep_only_through_the_encodings_gradient
     assert with_grad["shuffled"] < 2.5 * CHANCE, with_grad
     frozen_writer = train_and_measure(k=CATEGORIES, encode_grad=False)
     assert frozen_writer["own"] < with_grad["own"] - 0.4, (frozen_writer, with_grad)
+
+
+def test_remat_of_the_encoding_changes_no_gradient():
+    """The continued stage differentiates through the encoding (memory.encode_grad); with `model.remat` the
+    encoder's layers are rematerialised like the model's: the same loss gradient, to float32 rounding."""
+    batch = examples(np.random.default_rng(5), 8)
+    grads = {}
+    for remat in ("none", "full", "dots"):
+        cfg = dataclasses.replace(model_config(k=CATEGORIES), remat=remat)
+        params = params_lib.init_params(cfg, 0)
+
+        def loss(p, cfg=cfg):
+            nll = optax.softmax_cross_entropy_with_integer_labels(
+                logits(cfg, p, batch, read="own", encode_grad=True), batch["targets"])
+            return jnp.sum(nll * batch["weights"])
+
+        grads[remat] = jax.jit(jax.grad(loss))(params)
+    for remat in ("full", "dots"):
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads[remat]), jax.tree.leaves(grads["none"]),
+                                strict=True):
+            scale = float(np.abs(b).max())  # summation order moves an element by ~1e-7 of the leaf's largest
+            assert scale > 0, jax.tree_util.keystr(path)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale,
+                                       err_msg=f"{remat} {jax.tree_util.keystr(path)}")

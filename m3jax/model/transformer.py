@@ -252,6 +252,8 @@ class Transformer(nnx.Module):
             o = attn_lib.dot_product_attention(q, k, v, mask, causal=True)
             return blk._out_and_mlp(x, o), fn(layer, q, k, v)
 
+        if cfg.remat != "none":  # the continued stage differentiates through the encoding (memory.encode_grad)
+            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         last = jnp.asarray(num_layers - 1, jnp.int32)
         x, ys = jax.lax.scan(one_layer, x, jnp.arange(num_layers - 1, dtype=jnp.int32))
         y_last = fn(last, *block(last)._qkv(x, cos, sin))
