@@ -91,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
     r.candidates = 20  # neighbours searched per chunk before the leakage filter
     r.min_chunk_tokens = 16  # a shorter chunk (a document's tail) retrieves nothing of its own
     r.train_max_overlap = 0.9  # training drops references with overlap > this with the sequence (eq. 6)
+    r.eval_max_overlap = 2 / 3  # evaluation drops references with overlap > this with the question (eq. 6)
     r.refs_per_chunk = 1  # references kept per chunk (the paper's training layout: 1)
     r.layout = "paper"  # paper: a chunk reads its own + the previous per_chunk-1 chunks' references | per_chunk
     r.ids_path = ""  # reference ids per chunk (tools/retrieve.py); "" = DATA/retrieval-SPLIT beside the data
@@ -247,6 +248,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         _check(int(r[key]) > 0, f"retrieval.{key}", f"must be positive, got {r[key]}")
     _check(0.0 < r.train_max_overlap <= 1.0, "retrieval.train_max_overlap",
            f"must be in (0, 1], got {r.train_max_overlap}")
+    _check(0.0 < r.eval_max_overlap <= 1.0, "retrieval.eval_max_overlap",
+           f"must be in (0, 1], got {r.eval_max_overlap}")
     _check(r.refs_per_chunk <= r.candidates, "retrieval.refs_per_chunk",
            f"{r.refs_per_chunk} kept of retrieval.candidates={r.candidates} searched")
     if r.layout == "paper":

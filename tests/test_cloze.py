@@ -18,6 +18,7 @@ from m3jax.model import params as params_lib
 from m3jax.model.memory import Memory, valid_keys
 from m3jax.retrieval.embedder import Embedder
 from m3jax.retrieval.index import Index, IndexSettings
+from m3jax.retrieval.query import QueryRetriever
 
 STEPS = 5
 
@@ -145,19 +146,54 @@ def test_complete_and_score_per_arm(setup):
     assert s["heldout"]["recall_at_1"] == 0.5 and s["train"]["recall_at_1"] == pytest.approx(2 / 3)
 
 
-def test_retrieved_arm_is_the_naive_top1(setup):
-    """retrieve_top1 = the reference whose embedding has the largest dot product with the prompt's (numpy), through
-    the real Embedder and a ScaNN index of the bank's reference texts."""
+def naive_overlap(reference, sequence) -> float:
+    """Eq. 6 by brute force: the longest common subsequence of `reference` with any window of `sequence` of at most
+    2|r| tokens (every start, the longest window there), over |r|."""
+    r, s = list(reference), list(sequence)
+    best = 0
+    for start in range(max(1, len(s) - 2 * len(r) + 1)):  # a later start's window is inside an earlier one
+        window = s[start:start + 2 * len(r)]
+        table = [[0] * (len(window) + 1) for _ in range(len(r) + 1)]
+        for i, a in enumerate(r):
+            for j, b in enumerate(window):
+                table[i + 1][j + 1] = table[i][j] + 1 if a == b else max(table[i][j + 1], table[i + 1][j])
+        best = max(best, table[-1][-1])
+    return best / len(r)
+
+
+def test_questions_read_the_naive_filtered_top_references(setup):
+    """QueryRetriever = the references whose embeddings have the largest dot products with the question's (numpy),
+    minus those whose eq.-6 overlap with the question exceeds 2/3 (a brute-force LCS), through the real Embedder
+    and a ScaNN index of the bank's reference texts. A question that is a whole reference does not read it."""
     bank, tok = setup["bank"], setup["tokenizer"]
     ids = np.arange(min(8, bank.num_refs))
-    texts = [tok.decode(t[t >= 0]) for t in bank.read_tokens(ids)]
+    tokens = [t[t >= 0] for t in bank.read_tokens(ids)]
+    texts = [tok.decode(t) for t in tokens]
     embedder = Embedder.load("all-MiniLM-L6-v2", max_len=128, batch_size=8)
     vectors = embedder.embed(texts)
-    index = Index.build(vectors, IndexSettings(kind="brute_force"), embedder=embedder.identity, max_k=4)
-    queries = [" ".join(t.split()[5:25]) for t in texts]  # a passage of each reference
-    got = cloze.retrieve_top1(embedder, index, queries)
-    np.testing.assert_array_equal(got, np.argmax(embedder.embed(queries) @ vectors.T, axis=1))
-    assert (got == ids).mean() >= 0.5, got  # passages find their own reference: the search is not arbitrary
+    index = Index.build(vectors, IndexSettings(kind="brute_force"), embedder=embedder.identity, max_k=8)
+    queries = [" ".join(t.split()[5:25]) for t in texts] + texts[:3]  # passages, then whole references
+    retriever = QueryRetriever(embedder.embed, index.search, bank.read_tokens, tok.encode, refs=2, candidates=4,
+                               max_overlap=2 / 3)
+    got = retriever(queries)
+
+    order = np.argsort(-(embedder.embed(queries) @ vectors.T), axis=1)[:, :4]
+    for q, text in enumerate(queries):
+        kept = [int(i) for i in order[q] if naive_overlap(tokens[i], tok.encode(text)) <= 2 / 3][:2]
+        np.testing.assert_array_equal(got[q], kept + [-1] * (2 - len(kept)), err_msg=text)
+    passages = got[: len(texts), 0]
+    assert (passages == ids).mean() >= 0.5, passages  # passages find their own reference: the search is not arbitrary
+    for q in range(3):  # a whole reference as the question: its own reference is filtered out
+        assert ids[q] not in got[len(texts) + q], got[len(texts) + q]
+    assert retriever.stats["dropped_overlap"] >= 3
+
+    against = [tokens[0]] * len(queries)  # filtered against another sequence: reference 0 is never read
+    assert not (retriever(queries, against=against) == 0).any()
+    with pytest.raises(ValueError, match=f"1 sequences to filter against for {len(queries)} queries"):
+        retriever(queries, against=against[:1])
+    with pytest.raises(ValueError, match="max_overlap must be in"):
+        QueryRetriever(embedder.embed, index.search, bank.read_tokens, tok.encode, refs=1, candidates=4,
+                       max_overlap=1.5)
 
 
 def test_bad_inputs_are_named(setup):

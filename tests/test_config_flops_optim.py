@@ -29,6 +29,7 @@ from m3jax.train.optimizer import decay_mask, lr_schedule
     ("spike_guard.lr_factor", 1.5, "config.spike_guard.lr_factor"),
     ("memory.k", 200, "config.memory.k"),
     ("memory.chunk_size", 0, "config.memory.chunk_size"),
+    ("retrieval.eval_max_overlap", 0.0, "config.retrieval.eval_max_overlap"),
 ])
 def test_inconsistent_values_name_the_key(key, value, names):
     c = tiny_config()

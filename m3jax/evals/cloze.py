@@ -72,12 +72,6 @@ def shuffled_references(ref_ids: np.ndarray, seed: int) -> np.ndarray:
     return np.asarray([partner[i] for i in ref_ids.tolist()], ref_ids.dtype)
 
 
-def retrieve_top1(embedder, index, prompts: Sequence[str]) -> np.ndarray:
-    """The index's best reference for each prompt's text: ids [n] int64 (-1 where the index found none)."""
-    ids, _ = index.search(embedder.embed(list(prompts)), 1)
-    return ids[:, 0]
-
-
 def single_slot_memory(bank, ids: np.ndarray, sink: np.ndarray, dtype) -> Memory:
     """Row i reads memory `ids[i]` from `bank` in its one group and slot (-1: the slot is empty)."""
     ids = np.asarray(ids, np.int64)
@@ -209,7 +203,7 @@ def arm_references(arms: Sequence[str], oracle: np.ndarray, *, retrieved: np.nda
     oracle = np.asarray(oracle, np.int64)
     if "retrieved" in arms:
         if retrieved is None:
-            raise ValueError("the 'retrieved' arm needs the retrieved ids (retrieve_top1)")
+            raise ValueError("the 'retrieved' arm needs the retrieved ids (m3jax.retrieval.query.QueryRetriever)")
         retrieved = np.asarray(retrieved, np.int64)
         if retrieved.shape != oracle.shape:
             raise ValueError(f"retrieved ids {retrieved.shape} and oracle ids {oracle.shape} differ in shape")

@@ -35,6 +35,7 @@ from m3jax.model.memory import Memory
 from m3jax.retrieval import build
 from m3jax.retrieval.embedder import Embedder
 from m3jax.retrieval.index import Index
+from m3jax.retrieval.query import QueryRetriever
 
 # The arms scored, and the name of each one's accuracy in the evaluation line (beside loss, loss_empty_memory, ...).
 ACCURACY = {"retrieved": "entity_accuracy", "empty": "entity_accuracy_empty_memory",
@@ -117,7 +118,9 @@ class EntityEval:
         if index.num_vectors != num_refs:
             raise ConfigError(f"config.eval.cloze_index: the index at {index_dir} holds {index.num_vectors:,} "
                               f"references, the {where} {num_refs:,}")
-        self.retrieved = cloze.retrieve_top1(embedder, index, self.prompts)
+        ref_tokens = source.read_tokens if self.mode == "bank" else (lambda ids: source.rows(ids)[0])
+        retriever = QueryRetriever.from_config(config.retrieval, embedder, index, ref_tokens, tokenizer, refs=1)
+        self.retrieved = retriever(self.prompts)[:, 0]  # filtered against the prompt (eval_max_overlap)
         self.recall = float(np.mean(self.retrieved == self.oracle))
         logging.info("entity evaluation: %d held-out items of %s, retrieval recall@1 %.3f (set up in %.1f s)",
                      len(items), e.cloze, self.recall, time.perf_counter() - t0)

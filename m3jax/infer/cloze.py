@@ -13,7 +13,6 @@ from m3jax.evals.cloze import (
     greedy_generate,
     left_pad,
     no_memory,
-    retrieve_top1,
     shuffled_references,
     single_slot_memory,
     slot_memory,
@@ -21,5 +20,5 @@ from m3jax.evals.cloze import (
 )
 
 __all__ = ["ARMS", "MEMORY_ARMS", "arm_references", "complete", "encode_prompts", "exact_match", "first_word",
-           "generate", "greedy_generate", "left_pad", "no_memory", "retrieve_top1", "shuffled_references",
+           "generate", "greedy_generate", "left_pad", "no_memory", "shuffled_references",
            "single_slot_memory", "slot_memory", "summarize"]

@@ -180,6 +180,7 @@ def evaluate(b: Bench, spm: str, knowledge: str, warm_bank: str) -> dict:
     from m3jax.memory import knowledge as knowledge_lib
     from m3jax.retrieval.embedder import Embedder
     from m3jax.retrieval.index import Index
+    from m3jax.retrieval.query import QueryRetriever
 
     tokenizer = Tokenizer(spm)
     meta = json.loads(Path(b.path("entities", "entities.json")).read_text())
@@ -201,10 +202,12 @@ def evaluate(b: Bench, spm: str, knowledge: str, warm_bank: str) -> dict:
     sink = knowledge_lib.sink_tokens(tokenizer, "Reference:")
 
     retrieval = config_dict.ConfigDict({"embedder": "all-MiniLM-L6-v2", "embed_max_len": 256,
-                                        "embed_batch_size": 64})
+                                        "embed_batch_size": 64, "refs_per_chunk": 1, "candidates": 20,
+                                        "eval_max_overlap": 2 / 3})
     embedder = Embedder.from_config(retrieval)
     index = Index.load(os.path.join(warm_bank, "index"), expect_embedder=embedder.identity)
-    retrieved = cloze.retrieve_top1(embedder, index, prompts)
+    retriever = QueryRetriever.from_config(retrieval, embedder, index, lambda ids: refs.rows(ids)[0], tokenizer)
+    retrieved = retriever(prompts)[:, 0]
     references = cloze.arm_references(ARM_ORDER, oracle, retrieved=retrieved, seed=_SEED.value)
 
     def open_bank(path):
