@@ -1,0 +1,139 @@
+"""Generation (m3jax/infer/generate.py): cached decoding equals full recomputation with memory swaps, batching with
+unequal prompts equals one by one, RAG equals the plain model on the concatenated text, sampling."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from test_memory import random_params
+
+from m3jax.data.tokenizer import Tokenizer
+from m3jax.infer.generate import BankMemories, Sampling, generate
+from m3jax.memory import bank as bank_lib
+from m3jax.model import ModelConfig
+from m3jax.model import params as params_lib
+from m3jax.model.memory import Memory, valid_keys
+from m3jax.retrieval.embedder import Embedder
+from m3jax.retrieval.index import Index
+from m3jax.retrieval.query import QueryRetriever
+
+SLOTS = 5
+
+
+@pytest.fixture(scope="module")
+def setup(memory_kb, kb_retrieval):
+    """memory_kb's bank and index behind a QueryRetriever, a model of its architecture with random parameters
+    (std 0.15: memory moves the logits), and prompts of 9, 70 and 140 tokens (bos included) of the knowledge
+    base's text."""
+    config = memory_kb["config"]
+    cfg = ModelConfig.from_config(config.model, config.memory)
+    tokenizer = Tokenizer(memory_kb["tokenizer"])
+    bank = bank_lib.MemoryBank.open(memory_kb["bank"], expect_architecture=bank_lib.architecture(cfg),
+                                    expect_tokenizer=tokenizer.sha256, allow_other_checkpoint=True)
+    embedder = Embedder.load("all-MiniLM-L6-v2", max_len=256, batch_size=16)
+    index = Index.load(kb_retrieval["index"], expect_embedder=embedder.identity)
+    retriever = QueryRetriever(embedder.embed, index.search, bank.read_tokens, tokenizer.encode, refs=SLOTS,
+                               candidates=20, max_overlap=2 / 3)
+    with open(memory_kb["knowledge"]) as f:
+        text = tokenizer.encode(" ".join(json.loads(line)["text"] for line in f.readlines()[-3:]))
+    bos = tokenizer.bos_id
+    prompts = [[bos, *text[:8]], [bos, *text[100:169]], [bos, *text[300:439]]]
+    return {"cfg": cfg, "params": random_params(cfg, 5), "bank": bank, "tokenizer": tokenizer, "prompts": prompts,
+            "source": BankMemories(bank, retriever, tokenizer)}
+
+
+def full_forward(cfg, params, source, prompt, generated, references, chunk=64):
+    """Logits [n, vocab] of every generated token from one forward pass over prompt + generated[:-1], reading the
+    references the generation reports: the prompt's chunk g reads group g's; generated token m (as an input) is in
+    the group of the segment m // chunk (the first inherits the last prompt chunk's group)."""
+    seq = np.asarray(prompt + list(generated[:-1]), np.int32)
+    logical = np.concatenate([np.arange(len(prompt)) // chunk,
+                              (len(prompt) - 1) // chunk + np.arange(len(generated) - 1) // chunk])
+    # The forward pass reads memory by groups of at most `chunk` consecutive tokens: a logical group longer than
+    # that (the last prompt chunk and the first generated tokens) is split into groups reading the same references.
+    groups, of_group, run = np.zeros(seq.size, np.int32), [], 0
+    for m, g in enumerate(logical):
+        if m == 0 or g != logical[m - 1] or run == chunk:
+            of_group.append(g)
+            run = 0
+        groups[m], run = len(of_group) - 1, run + 1
+    ids = np.asarray(references, np.int64)[of_group]  # [groups, slots]
+    kv, positions = source.memories(ids.reshape(1, -1), cfg.compute_dtype)
+    index = np.where(ids >= 0, np.arange(ids.size).reshape(ids.shape), -1)[None].astype(np.int32)
+    memory = Memory.from_rows(kv, index, valid_keys(positions), source.sink)
+    start = cfg.context_start(len(source.sink))
+    model = params_lib.model_from(cfg, params)
+    logits = jax.jit(model.__call__)(seq[None], (start + np.arange(seq.size, dtype=np.int32))[None],
+                                     np.ones((1, seq.size), np.int32), groups[None].astype(np.int32), memory)
+    return np.asarray(logits[0, len(prompt) - 1:, :cfg.vocab_size], np.float32)
+
+
+def test_cached_decoding_with_memory_swaps_equals_full_recomputation(setup):
+    """70 tokens generated after prompts of 70 and 140 tokens: the prompt read chunk by chunk, one memory swap at
+    64 generated tokens; every step's logits equal one forward pass over the whole text with the same memories.
+    The swap's references are the ones the last 64 tokens retrieve; memory moves the logits."""
+    cfg, params, source, tok = (setup[k] for k in ("cfg", "params", "source", "tokenizer"))
+    prompts = setup["prompts"][1:]
+    out = generate(params, cfg, prompts, 70, mode="memory3", source=source, slots=SLOTS, return_logits=True)
+    plain = generate(params, cfg, prompts, 70, mode="none", return_logits=True)
+    for i, prompt in enumerate(prompts):
+        refs = out.references[i]
+        prompt_groups = -(-len(prompt) // 64)
+        assert refs.shape == (prompt_groups + 1, SLOTS)  # the prompt's chunks and one swap
+        assert (refs >= 0).any()
+        want = full_forward(cfg, params, source, prompt, out.tokens[i], refs)
+        np.testing.assert_allclose(out.logits[i], want, rtol=1e-4, atol=1e-4)
+        history = prompt + out.tokens[i, :64].tolist()
+        np.testing.assert_array_equal(refs[-1], source.retrieve([history[-64:]], [history[-64:]])[0])
+        assert np.abs(out.logits[i, 0] - plain.logits[i, 0]).max() > 1e-3  # memory is read
+    for i, prompt in enumerate(prompts):  # the plain model: the same, with no memory and positions from 0
+        seq = np.asarray(prompt + plain.tokens[i, :-1].tolist(), np.int32)[None]
+        model = params_lib.model_from(cfg, params)
+        want = np.asarray(jax.jit(model.__call__)(seq, np.arange(seq.shape[1], dtype=np.int32)[None],
+                                                  np.ones_like(seq)))[0, len(prompt) - 1:, :cfg.vocab_size]
+        np.testing.assert_allclose(plain.logits[i], want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_batch_of_unequal_prompts_equals_one_by_one(setup):
+    cfg, params, source = setup["cfg"], setup["params"], setup["source"]
+    batch = generate(params, cfg, setup["prompts"], 20, mode="memory3", source=source, return_logits=True)
+    for i, prompt in enumerate(setup["prompts"]):
+        alone = generate(params, cfg, [prompt], 20, mode="memory3", source=source, return_logits=True)
+        np.testing.assert_array_equal(batch.tokens[i], alone.tokens[0])
+        np.testing.assert_allclose(batch.logits[i], alone.logits[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(batch.references[i], alone.references[0])
+
+
+def test_rag_is_the_plain_model_on_the_references_and_the_prompt(setup):
+    cfg, params, source, tok = (setup[k] for k in ("cfg", "params", "source", "tokenizer"))
+    prompts = setup["prompts"][:2]
+    rag = generate(params, cfg, prompts, 12, mode="rag", source=source, bos_id=tok.bos_id)
+    ids = source.retrieve(prompts, against=prompts)
+    for i, prompt in enumerate(prompts):
+        row = ids[i][ids[i] >= 0]
+        text = [int(t) for r in setup["bank"].read_tokens(row) for t in r if t >= 0]
+        concatenated = [tok.bos_id, *text, *prompt[1:]]
+        assert rag.prompts[i] == concatenated
+        np.testing.assert_array_equal(rag.references[i][0], row)
+        plain = generate(params, cfg, [concatenated], 12, mode="none")
+        np.testing.assert_array_equal(rag.tokens[i], plain.tokens[0])
+
+
+def test_sampling(setup):
+    cfg, params = setup["cfg"], setup["params"]
+    prompts = setup["prompts"][:2]
+    greedy = generate(params, cfg, prompts, 8, mode="none")
+    narrow = generate(params, cfg, prompts, 8, mode="none", sampling=Sampling(temperature=1.0, top_p=1e-6, seed=3))
+    np.testing.assert_array_equal(narrow.tokens, greedy.tokens)  # top-p below any probability: the argmax
+    a = generate(params, cfg, prompts, 8, mode="none", sampling=Sampling(temperature=2.0, seed=1))
+    b = generate(params, cfg, prompts, 8, mode="none", sampling=Sampling(temperature=2.0, seed=1))
+    c = generate(params, cfg, prompts, 8, mode="none", sampling=Sampling(temperature=2.0, seed=2))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.tokens != c.tokens).any() and (a.tokens != greedy.tokens).any()
+    with pytest.raises(ValueError, match="top_p must be in"):
+        Sampling(top_p=0.0)
+    with pytest.raises(ValueError, match="mode 'beam' is not one of"):
+        generate(params, cfg, prompts, 8, mode="beam")
+    with pytest.raises(ValueError, match="needs a memory source"):
+        generate(params, cfg, prompts, 8, mode="memory3")
