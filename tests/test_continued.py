@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, assert_invocations
+from conftest import REPO, assert_invocations, run_tool
 from test_launch import cpu_env
 from test_memory import random_params
 
@@ -275,3 +275,40 @@ def test_online_encoding_is_a_constant_of_the_step_unless_encode_grad(memory_kb,
     full = jax.jit(jax.grad(mean_objective(through, batch)))(p)
     differ = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), full, got)
     assert differ["layers"]["wk"] > 1e-6, differ  # the encoder's keys come from the memory layers' projections
+
+
+def test_generate_tool_prints_what_the_library_generates(memory_kb, kb_retrieval, warm_start, straight):
+    """tools/generate.py on the warm-up checkpoint and the bank it wrote: the printed continuation is the library's
+    `generate` on the same checkpoint, bank and index, and --show_references lists what the chunks read. The
+    continued run's checkpoint with that bank is refused unless --bank_other_checkpoint."""
+    from m3jax.data.tokenizer import Tokenizer
+    from m3jax.infer.generate import BankMemories, generate
+    from m3jax.retrieval.embedder import Embedder
+    from m3jax.retrieval.index import Index
+    from m3jax.retrieval.query import QueryRetriever
+
+    prompt = "The history of the city"
+    args = [f"--bank={warm_start['bank']}", f"--index={kb_retrieval['index']}", f"--prompt={prompt}",
+            "--max_new_tokens=70", "--show_references"]
+    ran = run_tool(memory_kb["root"], "generate", f"--checkpoint={warm_start['checkpoint']}", *args)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+
+    loaded = ckpt_lib.load_model(warm_start["checkpoint"])
+    tok = Tokenizer(memory_kb["tokenizer"])
+    bank = bank_lib.MemoryBank.open(warm_start["bank"], expect_architecture=bank_lib.architecture(loaded.model_config),
+                                    expect_tokenizer=tok.sha256, expect_checkpoint=loaded.identity)
+    embedder = Embedder.from_config(memory_kb["config"].retrieval)
+    index = Index.load(kb_retrieval["index"], expect_embedder=embedder.identity)
+    retriever = QueryRetriever.from_config(memory_kb["config"].retrieval, embedder, index, bank.read_tokens, tok,
+                                           refs=5)
+    out = generate(loaded.params, loaded.model_config, [[tok.bos_id, *tok.encode(prompt)]], 70,
+                   source=BankMemories(bank, retriever, tok))
+    assert ran.stdout.startswith(f"=== prompt 0 (memory3): {prompt}\n{tok.decode(out.tokens[0].tolist())}\n")
+    listed = [int(m.group(1)) for m in re.finditer(r"chunk \d+: reference (\d+):", ran.stdout)]
+    assert listed == [int(i) for i in out.references[0].reshape(-1) if i >= 0] and listed
+
+    refused = run_tool(memory_kb["root"], "generate", f"--checkpoint={straight['workdir']}", *args)
+    assert refused.returncode != 0 and "checkpoint" in refused.stderr, refused.stderr[-2000:]
+    allowed = run_tool(memory_kb["root"], "generate", f"--checkpoint={straight['workdir']}", *args,
+                       "--bank_other_checkpoint")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
