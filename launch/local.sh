@@ -41,19 +41,6 @@ log_dir=${LOG_DIR:-$workdir/logs}
 mkdir -p "$log_dir"
 port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-pids=()
-for ((i = 0; i < num; i++)); do
-  : >"$log_dir/process_$i.log"  # exists before the follower below opens it (a child opens its own redirect later)
-  "$PY" -m m3jax.train --config="$config" "$@" \
-    --config.distributed.coordinator_address="127.0.0.1:$port" \
-    --config.distributed.num_processes="$num" --config.distributed.process_id="$i" \
-    >"$log_dir/process_$i.log" 2>&1 </dev/null &
-  pids+=("$!")
-done
-echo "launch/local.sh: $num processes, coordinator 127.0.0.1:$port, logs in $log_dir/process_<i>.log" >&2
-tail --pid="${pids[0]}" -n +1 -f "$log_dir/process_0.log" &
-follower=$!
-
 signal_live() {  # $1: a signal for every process not yet reaped
   local j
   for ((j = 0; j < num; j++)); do
@@ -63,7 +50,10 @@ signal_live() {  # $1: a signal for every process not yet reaped
 
 status=()
 signalled=0
+spawned=0
+pending=
 forward() {  # $1: the signal received. Background children ignore SIGINT, so both become SIGTERM; twice kills.
+  if (( ! spawned )); then pending=$1; return; fi  # while starting: passed on once every process exists
   signalled=$((signalled + 1))
   local sig=TERM
   if (( signalled > 1 )); then sig=KILL; fi
@@ -72,6 +62,22 @@ forward() {  # $1: the signal received. Background children ignore SIGINT, so bo
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
+
+pids=()
+for ((i = 0; i < num; i++)); do
+  : >"$log_dir/process_$i.log"  # exists before the follower below opens it (a child opens its own redirect later)
+  "$PY" -m m3jax.train --config="$config" "$@" \
+    --config.distributed.coordinator_address="127.0.0.1:$port" \
+    --config.distributed.num_processes="$num" --config.distributed.process_id="$i" \
+    >"$log_dir/process_$i.log" 2>&1 </dev/null &
+  pids+=("$!")
+done
+spawned=1
+if [[ -n $pending ]]; then forward "$pending"; fi
+echo "launch/local.sh: $num processes, coordinator 127.0.0.1:$port, logs in $log_dir/process_<i>.log" >&2
+tail --pid="${pids[0]}" -n +1 -f "$log_dir/process_0.log" &
+follower=$!
+
 
 running=$num
 failed=-1
@@ -95,7 +101,8 @@ while (( running > 0 )); do
     signal_live KILL
   fi
   if (( running > 0 )); then
-    sleep 0.2
+    sleep 0.2 &  # waited for by the builtin, which a trapped signal interrupts at once (a foreground sleep defers it)
+    wait "$!" || true
   fi
 done
 wait "$follower" 2>/dev/null || true
