@@ -284,8 +284,11 @@ def start_fake_local(tmp_path: Path, fail_id: str = "") -> subprocess.Popen:
     fake.write_text(FAKE_TRAINER)
     fake.chmod(0o755)
     env = clean_env(PY=str(fake), REAL_PY=sys.executable, OUT=str(tmp_path), FAIL_ID=fail_id, NUM_PROCESSES="2")
+    # SIGINT at its default, as in a terminal: a test run started in the background (CI under nohup ... &) has it
+    # ignored, and a shell cannot trap a signal ignored at its start.
     return subprocess.Popen([BASH, "launch/local.sh", "configs/demo.py", f"--workdir={tmp_path}"], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_local_failure_stops_the_others_and_names_the_process(tmp_path):
