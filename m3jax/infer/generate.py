@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m3jax.evals import cloze
 from m3jax.model import ModelConfig
 from m3jax.model import params as params_lib
 from m3jax.model.memory import Memory, valid_keys
@@ -124,21 +125,18 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new
     segment = min(chunk, max_new_tokens)
     segments = -(-max_new_tokens // segment)
     b, t = len(prompts), max(map(len, prompts))
-    lengths = np.asarray([len(p) for p in prompts], np.int32)
-    tokens = np.zeros((b, t), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, t - len(p):] = p
+    tokens, lengths = cloze.left_pad(prompts, t)
     col = np.arange(t)[None, :]
     pad = (t - lengths)[:, None]
     real = col >= pad
     offset = np.maximum(col - pad, 0)  # each row's own token index
     if mode == "memory3":
-        memory, group_ids = _prompt_memory(cfg, prompts, source, slots, tokens, real, offset)
+        memory, group_ids = _prompt_memory(cfg, prompts, source, slots)
         start = cfg.context_start(len(source.sink))
         memory_group = np.where(real, offset // chunk, -1).astype(np.int32)
         references = group_ids
     else:
-        memory = _no_memory(cfg, b)
+        memory = cloze.no_memory(cfg, b)
         start = 0
         memory_group = np.where(real, 0, -1).astype(np.int32)
     max_len = memory.sink_len + t + segments * segment
@@ -186,7 +184,7 @@ def _rag_prompts(prompts, source, slots, bos_id):
     return out, refs
 
 
-def _prompt_memory(cfg, prompts, source, slots, tokens, real, offset):
+def _prompt_memory(cfg, prompts, source, slots):
     """Memory3's prompt memories: every row's chunk g (its tokens [64g, 64g + 64)) reads the `slots` references
     its own text retrieves (filtered against the whole prompt). Returns the Memory (row i's memories: its groups'
     slots, in order) and per row the ids [groups, slots]."""
@@ -208,13 +206,6 @@ def _prompt_memory(cfg, prompts, source, slots, tokens, real, offset):
     memory = Memory.from_rows(kv, index, valid_keys(positions), source.sink)
     per_row = [ids[i, : -(-len(p) // chunk)] for i, p in enumerate(prompts)]
     return memory, per_row
-
-
-def _no_memory(cfg: ModelConfig, b: int) -> Memory:
-    """The plain model's Memory: no sink, one empty slot (positions from 0)."""
-    return Memory.empty(np.zeros(0, np.int32), batch=b, groups=1, slots=1,
-                        memory_layers=max(1, len(cfg.memory_layers)), kv_heads=max(1, len(cfg.memory_kv_heads)), k=1,
-                        head_dim=cfg.head_dim, dtype=cfg.compute_dtype)
 
 
 def _sample(logits, key, sampling: Sampling, vocab_size: int):
