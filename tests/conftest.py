@@ -105,7 +105,8 @@ def memory_kb(lm_data, tmp_path_factory):
     tokenizer = Tokenizer(tokenizer_path)
     knowledge = root / "kb.jsonl"
     docs = [d for d in embedded_corpus() if 1500 < len(d.text) < 6000][:KB_DOCS]
-    knowledge.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
+    # Stable ids, so the held-out split does not depend on the tmp path: "doc:14" and "doc:15" are held out.
+    knowledge.write_text("".join(json.dumps({"text": d.text, "id": f"doc:{i}"}) + "\n" for i, d in enumerate(docs)))
     data = root / "data"
     prepare(str(knowledge), tokenizer_path, data, seq_len=256, heldout_fraction=0.1, num_shards=2)
 

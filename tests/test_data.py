@@ -62,10 +62,14 @@ def test_embedded_corpus_is_the_same_in_another_process(docs, tmp_path):
 
 def test_load_corpus_files_and_errors(tmp_path):
     (tmp_path / "a.txt").write_text("first file\n\nsecond paragraph\n")
-    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 7}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "one", "id": "doc-a"}\n\n{"text": "two", "id": 7}\n')
     loaded = corpus.load_corpus(f"{tmp_path}/*.txt, {tmp_path}/b.jsonl")
     assert [d.text for d in loaded] == ["first file\n\nsecond paragraph\n", "one", "two"]
-    assert loaded[2].doc_id == f"{tmp_path}/b.jsonl:3"
+    assert loaded[1].doc_id == "doc-a"  # a string "id" names the document wherever the file lives
+    assert loaded[2].doc_id == f"{tmp_path}/b.jsonl:3"  # no string id: path and line
+    (tmp_path / "dup.jsonl").write_text('{"text": "x", "id": "a"}\n{"text": "y", "id": "a"}\n')
+    with pytest.raises(ValueError, match=r"dup\.jsonl:2: id 'a' is already the id of .*dup\.jsonl:1"):
+        corpus.read_jsonl([tmp_path / "dup.jsonl"])
 
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         corpus.load_corpus(f"{tmp_path}/nothing-here*.txt")

@@ -222,6 +222,31 @@ def test_every_knowledge_entry_is_one_reference_near_ref_len(lm_data, tmp_path):
     assert 0.7 * ref_len <= shortest and longest <= ref_len, f"references of {shortest}..{longest} tokens"
 
 
+def test_fewer_attributes_give_shorter_entries_of_those_attributes_only():
+    """num_attributes=N: every entity has the first N attributes (names and split as with all of them), the entry
+    states exactly those and stops there, bios and cloze items speak of nothing else; counts that would cut an
+    entry's sentence in two are refused by name."""
+    full, four = entities.generate(100, 0.2, 0), entities.generate(100, 0.2, 0, num_attributes=4)
+    names = entities.ATTRIBUTE_NAMES[:4]
+    assert full == entities.generate(100, 0.2, 0, num_attributes=len(entities.ATTRIBUTES))
+    assert [e.name for e in four.entities] == [e.name for e in full.entities]
+    assert [e.heldout for e in four.entities] == [e.heldout for e in full.entities]
+    for e in four.entities:
+        assert tuple(e.values) == names
+    for e, text in zip(four.entities, entities.knowledge_texts(four), strict=True):
+        assert text == f"{e.name} (born {e.values['birth_year']} in {e.values['birth_city']}). Employer: " \
+                       f"{e.values['employer']}. Field: {e.values['field']}."
+    items = entities.cloze_items(four)
+    assert len(items) == 4 * 100 and {it["attribute"] for it in items} == set(names)
+    for e in four.train[:20]:
+        text = entities.bio(e, 0, 0)
+        assert all(v in text for v in e.values.values())
+        assert text.count(".") <= 5  # an opening and 4 facts
+    for bad, says in ((1, r"must be in \[2, 10\]"), (7, "also states pet_name"), (11, "must be in")):
+        with pytest.raises(ValueError, match=says):
+            entities.generate(10, 0.2, 0, num_attributes=bad)
+
+
 def test_mix_keeps_every_bio_at_the_ratio_of_characters():
     """mix keeps each entity document once, adds distinct other documents until entity text is `ratio` of the
     characters (within one other document), is seeded, and refuses a ratio the other text cannot meet."""

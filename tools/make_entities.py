@@ -6,7 +6,7 @@
 Writes OUT/train.jsonl (bios of the training entities mixed with --corpus at --mix_ratio of the characters),
 OUT/knowledge.jsonl (one reference per entity, held-out ones included: the --knowledge of write_memory),
 OUT/cloze.jsonl (a prompt and answer per entity and attribute) and OUT/entities.json (settings, counts, chance).
-prepare_data's --heldout_fraction holds out whole documents of train.jsonl by a hash of "<path>:<line>": that is
+prepare_data's --heldout_fraction holds out whole documents of train.jsonl by a hash of their "id": that is
 a perplexity split, separate from the held-out entities, which have no document in train.jsonl at all.
 """
 
@@ -24,6 +24,9 @@ _HELDOUT_FRACTION = flags.DEFINE_float("heldout_fraction", 0.2,
 flags.register_validator("heldout_fraction", lambda f: 0.0 <= f < 1.0,
                          message="--heldout_fraction must be in [0, 1): training entities must remain")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the entities, their bios and the mixing.")
+_NUM_ATTRIBUTES = flags.DEFINE_integer("num_attributes", len(entities.ATTRIBUTES),
+                                       "Attributes per entity: the first N of m3jax.data.entities.ATTRIBUTES (the "
+                                       "knowledge-base entry states them all: fewer, shorter references).")
 _BIOS_PER_ENTITY = flags.DEFINE_integer("bios_per_entity", 4, "Biographies per training entity.", lower_bound=1)
 _MIX_RATIO = flags.DEFINE_float("mix_ratio", 0.5, "Fraction of train.jsonl's characters that are bios, in (0, 1].")
 flags.register_validator("mix_ratio", lambda r: 0.0 < r <= 1.0, message="--mix_ratio must be in (0, 1]")
@@ -34,7 +37,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        task = entities.generate(_NUM_ENTITIES.value, _HELDOUT_FRACTION.value, _SEED.value)
+        task = entities.generate(_NUM_ENTITIES.value, _HELDOUT_FRACTION.value, _SEED.value,
+                                 _NUM_ATTRIBUTES.value)
         bios = entities.training_documents(task, _BIOS_PER_ENTITY.value)
         other = load_corpus(_CORPUS.value) if _MIX_RATIO.value < 1.0 else []
         train = entities.mix(bios, other, _MIX_RATIO.value, _SEED.value)

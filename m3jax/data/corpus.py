@@ -111,8 +111,10 @@ def read_text_files(paths: Iterable[str | os.PathLike]) -> list[Document]:
 
 
 def read_jsonl(paths: Iterable[str | os.PathLike], text_key: str = "text") -> list[Document]:
-    """One document per non-blank JSONL line, its text taken from `text_key`; doc_id is "<path>:<line>"."""
-    docs = []
+    """One document per non-blank JSONL line, its text taken from `text_key`. Its doc_id is the line's string "id"
+    when it has one (stable wherever the file lives: `prepare`'s held-out split hashes it), else "<path>:<line>".
+    Raises ValueError naming the line of a duplicate id."""
+    docs, seen = [], {}
     for path in paths:
         path = os.fspath(path)
         try:
@@ -131,7 +133,11 @@ def read_jsonl(paths: Iterable[str | os.PathLike], text_key: str = "text") -> li
                 raise ValueError(
                     f"{path}:{line_no}: expected an object with a string {text_key!r}; got {found}"
                 )
-            docs.append(Document(f"{path}:{line_no}", obj[text_key]))
+            doc_id = obj["id"] if isinstance(obj.get("id"), str) else f"{path}:{line_no}"
+            if doc_id in seen:
+                raise ValueError(f"{path}:{line_no}: id {doc_id!r} is already the id of {seen[doc_id]}")
+            seen[doc_id] = f"{path}:{line_no}"
+            docs.append(Document(doc_id, obj[text_key]))
     return docs
 
 

@@ -14,6 +14,8 @@ held out). The three texts:
 - knowledge base (`knowledge_texts`): one reference per entity, training and held-out, in entity order, in the
   record style of `KB_TEMPLATE` (unlike the bios), one reference of `memory.ref_len` = 128 tokens: 92-120 tokens
   with a 1000-piece tokenizer of the embedded corpus (the tests'), 80-105 with a 4096-piece one (the demo's).
+  `generate(..., num_attributes=N)` gives entities the first N attributes only, and `kb_template(N)` shorter
+  references (N = 4: about a quarter of the length), for studying how reference length bears on reading.
 - cloze items (`cloze_items`): per entity and attribute, a prompt that ends right before the value and the answer.
   The prompt is the attribute's first bio phrasing with the full name, so `prompt + " " + answer + "."` is a bio
   sentence; each value being one word, a greedy completion is scored by exact match of its first word.
@@ -21,7 +23,7 @@ held out). The three texts:
 `mix` interleaves the training text with another corpus (the embedded one) at a ratio of characters.
 
 Held-out entities are not `prepare`'s held-out split: `m3jax.data.prepare` holds out whole *documents* of the
-training text by a hash of their doc id (for a JSONL corpus "<path>:<line>"), so some bios of training entities land
+training text by a hash of their doc id (train.jsonl's "id": `entity:<i>:<j>`, or the mixed-in document's), so some bios of training entities land
 in its held-out split instead (an entity keeps its facts in training while any of its bios is in the train split),
 and held-out entities, having no bios, are in neither: they exist only in the knowledge base and the cloze items.
 """
@@ -113,6 +115,22 @@ KB_TEMPLATE = (
     "{name} (born {birth_year} in {birth_city}). Employer: {employer}. Field: {field}. Colour: {colour}. "
     "Instrument: {instrument}. Pet: a {pet} named {pet_name}. Food: {food}. Sport: {sport}."
 )
+MIN_ATTRIBUTES = 2  # an entry opens "<name> (born <year> in <city>)": the first two attributes are always stated
+
+
+def kb_template(num_attributes: int) -> str:
+    """The knowledge-base entry of an entity with the first `num_attributes` of ATTRIBUTES: `KB_TEMPLATE` up to the
+    end of the sentence stating the last one (all of it for every attribute). Raises ValueError for a count outside
+    [MIN_ATTRIBUTES, len(ATTRIBUTES)] or one that ends inside a sentence stating two ("Pet: a {pet} named ...")."""
+    if not MIN_ATTRIBUTES <= num_attributes <= len(ATTRIBUTES):
+        raise ValueError(f"num_attributes must be in [{MIN_ATTRIBUTES}, {len(ATTRIBUTES)}], got {num_attributes}")
+    last = "{" + ATTRIBUTES[num_attributes - 1].name + "}"
+    end = KB_TEMPLATE.index(".", KB_TEMPLATE.index(last)) + 1
+    template = KB_TEMPLATE[:end]
+    if num_attributes < len(ATTRIBUTES) and "{" + ATTRIBUTES[num_attributes].name + "}" in template:
+        raise ValueError(f"num_attributes={num_attributes} ends inside the sentence {template.rsplit('.', 2)[-2]!r} "
+                         f"that also states {ATTRIBUTES[num_attributes].name}; take one more or one fewer")
+    return template
 
 # Syllables of generated words: onset + vowel + coda; a word is 2 or 3 of them, capitalised.
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr",
@@ -143,6 +161,7 @@ class Entities:
     seed: int
     entities: tuple[Entity, ...]
     vocab: dict[str, tuple[str, ...]]  # attribute name -> its possible values
+    attributes: tuple[Attribute, ...] = ATTRIBUTES  # what every entity has: the first ones of ATTRIBUTES
 
     @property
     def train(self) -> tuple[Entity, ...]:
@@ -158,8 +177,10 @@ def num_heldout(num_entities: int, heldout_fraction: float) -> int:
     return round(num_entities * heldout_fraction)
 
 
-def generate(num_entities: int, heldout_fraction: float, seed: int) -> Entities:
-    """`num_entities` fictional people, `num_heldout(...)` of them held out, as a pure function of the arguments.
+def generate(num_entities: int, heldout_fraction: float, seed: int,
+             num_attributes: int = len(ATTRIBUTES)) -> Entities:
+    """`num_entities` fictional people, `num_heldout(...)` of them held out, as a pure function of the arguments,
+    each with the first `num_attributes` of ATTRIBUTES (`kb_template` says which counts are allowed).
 
     One numpy PCG64 stream seeded by `seed` draws, in order: the generated words (first names, surnames, cities,
     employers, pet names; all distinct and unlike any listed value), the held-out set, each entity's first name,
@@ -172,6 +193,8 @@ def generate(num_entities: int, heldout_fraction: float, seed: int) -> Entities:
     if num_entities - heldout_count < 1:
         raise ValueError(f"num_entities={num_entities} at heldout_fraction={heldout_fraction} holds out all "
                          f"{heldout_count}: no training entity remains")
+    kb_template(num_attributes)  # validates the count
+    attributes = ATTRIBUTES[:num_attributes]
     rng = np.random.default_rng(seed)
     taken = {v.lower() for a in ATTRIBUTES if a.values for v in a.values}
     first_names = _words(rng, FIRST_NAMES, 2, taken)
@@ -182,18 +205,18 @@ def generate(num_entities: int, heldout_fraction: float, seed: int) -> Entities:
     firsts = rng.integers(len(first_names), size=num_entities)
     values: list[dict[str, str]] = [{} for _ in range(num_entities)]
     for i in np.flatnonzero(~heldout):
-        for a in ATTRIBUTES:
+        for a in attributes:
             values[i][a.name] = vocab[a.name][rng.integers(len(vocab[a.name]))]
-    for a in ATTRIBUTES:
+    for a in attributes:
         seen = sorted({values[i][a.name] for i in np.flatnonzero(~heldout)})
         for i in np.flatnonzero(heldout):
             values[i][a.name] = seen[rng.integers(len(seen))]
     entities = tuple(
-        Entity(i, first_names[firsts[i]], surnames[i], {a.name: values[i][a.name] for a in ATTRIBUTES},
+        Entity(i, first_names[firsts[i]], surnames[i], {a.name: values[i][a.name] for a in attributes},
                bool(heldout[i]))
         for i in range(num_entities)
     )
-    return Entities(seed, entities, vocab)
+    return Entities(seed, entities, {a.name: vocab[a.name] for a in attributes}, attributes)
 
 
 def _words(rng: np.random.Generator, count: int, syllables: int, taken: set[str]) -> list[str]:
@@ -218,8 +241,9 @@ def bio(entity: Entity, seed: int, j: int) -> str:
     rng = np.random.default_rng([seed, entity.index, j])
     opening = OPENINGS[rng.integers(len(OPENINGS))]
     sentences = [opening.format(name=entity.name)] if opening else []
-    for k in rng.permutation(len(ATTRIBUTES)):
-        attribute = ATTRIBUTES[k]
+    attributes = [a for a in ATTRIBUTES if a.name in entity.values]
+    for k in rng.permutation(len(attributes)):
+        attribute = attributes[k]
         subject = entity.name if not sentences or rng.integers(2) else entity.surname
         phrasing = attribute.phrasings[rng.integers(len(attribute.phrasings))]
         sentences.append(phrasing.format(s=subject, v=entity.values[attribute.name]))
@@ -235,8 +259,9 @@ def training_documents(entities: Entities, bios_per_entity: int) -> list[Documen
 
 
 def knowledge_texts(entities: Entities) -> list[str]:
-    """One knowledge-base reference per entity, training and held-out, in index order (`KB_TEMPLATE`)."""
-    return [KB_TEMPLATE.format(name=e.name, **e.values) for e in entities.entities]
+    """One knowledge-base reference per entity, training and held-out, in index order (`kb_template`)."""
+    template = kb_template(len(entities.attributes))
+    return [template.format(name=e.name, **e.values) for e in entities.entities]
 
 
 def cloze_items(entities: Entities) -> list[dict[str, Any]]:
@@ -244,7 +269,7 @@ def cloze_items(entities: Entities) -> list[dict[str, Any]]:
     held out. The prompt ends right before the value; the completion `" " + answer` continues it."""
     return [{"entity": e.index, "name": e.name, "attribute": a.name, "prompt": a.cloze.format(s=e.name),
              "answer": e.values[a.name], "heldout": e.heldout}
-            for e in entities.entities for a in ATTRIBUTES]
+            for e in entities.entities for a in entities.attributes]
 
 
 def mix(entity_docs: Sequence[Document], other_docs: Sequence[Document], ratio: float,
@@ -284,7 +309,7 @@ def metadata(entities: Entities, train_docs: Sequence[Document], bios_per_entity
     Chance per attribute: `uniform` = 1 / vocabulary size; `majority` = the share of held-out entities whose value
     is the training entities' most frequent one (the best a model that ignores the entity can do)."""
     attributes = {}
-    for a in ATTRIBUTES:
+    for a in entities.attributes:
         counts: dict[str, int] = {}
         for e in entities.train:
             counts[e.values[a.name]] = counts.get(e.values[a.name], 0) + 1
@@ -299,7 +324,8 @@ def metadata(entities: Entities, train_docs: Sequence[Document], bios_per_entity
     return {
         "seed": entities.seed, "num_entities": len(entities.entities), "num_train": len(entities.train),
         "num_heldout": len(entities.heldout), "bios_per_entity": bios_per_entity, "mix_ratio": mix_ratio,
-        "attributes": attributes, "openings": len(OPENINGS), "kb_template": KB_TEMPLATE,
+        "attributes": attributes, "openings": len(OPENINGS),
+        "kb_template": kb_template(len(entities.attributes)),
         "train_text": {"documents": len(train_docs), "entity_documents": len(entity_docs),
                        "characters": total_chars, "entity_characters": entity_chars,
                        "entity_char_fraction": entity_chars / total_chars},

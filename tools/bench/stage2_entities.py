@@ -43,6 +43,8 @@ from tools.bench.stages import Bench  # noqa: E402
 _WORKDIR = flags.DEFINE_string("workdir", "runs/stage2_entities", "Where every stage writes.")
 _REUSE = flags.DEFINE_bool("reuse", False, "Skip the stages already finished in --workdir.")
 _NUM_ENTITIES = flags.DEFINE_integer("num_entities", 300, "Fictional people (20% held out).", lower_bound=10)
+_ATTRIBUTES = flags.DEFINE_integer("num_attributes", 10, "Attributes per entity (the first N; fewer: shorter "
+                                   "knowledge-base references).", lower_bound=2)
 _BIOS = flags.DEFINE_integer("bios_per_entity", 4, "Biographies per training entity.", lower_bound=1)
 _MIX_RATIO = flags.DEFINE_float("mix_ratio", 0.5, "Fraction of the stage-2 training text that is bios (the rest: "
                                 "the embedded corpus).")
@@ -120,6 +122,7 @@ def main(argv):
 
     b.stage("entities", lambda: b.run("tools/make_entities.py", f"--out={ent}", f"--seed={_SEED.value}",
                                       f"--num_entities={_NUM_ENTITIES.value}", f"--bios_per_entity={_BIOS.value}",
+                                      f"--num_attributes={_ATTRIBUTES.value}",
                                       f"--mix_ratio={_MIX_RATIO.value}"))
     b.stage("tokenizer", lambda: b.run("tools/train_tokenizer.py", f"--corpus={ent}/train.jsonl",
                                        f"--out={spm[:-len('.model')]}", f"--vocab_size={_VOCAB.value}"))
@@ -159,9 +162,9 @@ def main(argv):
     results["writer_selection"] = writer_selection(b, spm, knowledge, bank)
     b.seconds["cloze"] = time.perf_counter() - t0
     results["stage_seconds"] = b.seconds
-    settings = (_NUM_ENTITIES, _BIOS, _MIX_RATIO, _WARMUP_TEXT, _VOCAB, _TRAIN_BATCH, _WARMUP_STEPS, _STAGE2_STEPS,
-                _PEAK_LR, _MODE, _ENCODE_GRAD, _K, _LAYERS, _OVERRIDES, _SEED, _EVAL_ENTITIES, _GEN_STEPS, _CONTROLS,
-                _SHARE_FROM)
+    settings = (_NUM_ENTITIES, _ATTRIBUTES, _BIOS, _MIX_RATIO, _WARMUP_TEXT, _VOCAB, _TRAIN_BATCH, _WARMUP_STEPS,
+                _STAGE2_STEPS, _PEAK_LR, _MODE, _ENCODE_GRAD, _K, _LAYERS, _OVERRIDES, _SEED, _EVAL_ENTITIES,
+                _GEN_STEPS, _CONTROLS, _SHARE_FROM)
     results["settings"] = {f.name: f.value for f in settings}
     (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(render(results))
@@ -257,7 +260,6 @@ def writer_selection(b: Bench, spm: str, knowledge: str, bank_path: str, max_ref
     import numpy as np
 
     from m3jax.checkpoint import load_model
-    from m3jax.data.entities import ATTRIBUTES
     from m3jax.data.tokenizer import Tokenizer
     from m3jax.memory import bank as bank_lib
     from m3jax.memory import knowledge as knowledge_lib
@@ -269,13 +271,14 @@ def writer_selection(b: Bench, spm: str, knowledge: str, bank_path: str, max_ref
     sink_len = len(bank.metadata["sink_tokens"])
     refs = knowledge_lib.load_references(knowledge, tokenizer, cfg.memory_ref_len)
     meta = json.loads(Path(b.path("entities", "entities.json")).read_text())
+    attributes = list(meta["attributes"])  # in ATTRIBUTES order, as the entry states them
     first_ref = np.searchsorted(refs.doc_index, np.arange(len(refs.doc_ids)))
     n = min(max_refs, len(meta["entities"]))
     _, positions = bank.gather(first_ref[:n, None], dtype=jnp.float32)
     positions = np.asarray(positions)[:, 0] - sink_len  # [n, Lm, mkv, k] token index in the reference (<0: none)
     layers = positions.shape[1]
-    any_head = np.zeros((n, layers, len(ATTRIBUTES)), bool)
-    per_head = np.zeros((n, layers, len(ATTRIBUTES)))
+    any_head = np.zeros((n, layers, len(attributes)), bool)
+    per_head = np.zeros((n, layers, len(attributes)))
     pieces: collections.Counter = collections.Counter()
     for i in range(n):
         r = first_ref[i]
@@ -285,9 +288,9 @@ def writer_selection(b: Bench, spm: str, knowledge: str, bank_path: str, max_ref
         values = meta["entities"][i]["values"]
         # each value's first token: the last token starting at or before the value's first character
         cursor, first_tokens = 0, []
-        for a in ATTRIBUTES:
-            c = text.find(values[a.name], cursor)
-            cursor = c + len(values[a.name])
+        for a in attributes:
+            c = text.find(values[a], cursor)
+            cursor = c + len(values[a])
             first_tokens.append(max(j for j in range(len(tokens)) if starts[j] <= c))
         for layer in range(layers):
             kept = [set(positions[i, layer, h][positions[i, layer, h] >= 0].tolist())
@@ -302,8 +305,8 @@ def writer_selection(b: Bench, spm: str, knowledge: str, bank_path: str, max_ref
             "value_kept_by_some_head": [float(any_head[:, layer].mean()) for layer in range(layers)],
             "value_kept_by_one_head": [float(per_head[:, layer].mean()) for layer in range(layers)],
             "value_kept_by_some_layer": float(any_head.any(axis=1).mean()),
-            "by_attribute_some_layer": {a.name: float(any_head[:, :, j].any(axis=1).mean())
-                                        for j, a in enumerate(ATTRIBUTES)},
+            "by_attribute_some_layer": {a: float(any_head[:, :, j].any(axis=1).mean())
+                                        for j, a in enumerate(attributes)},
             "most_kept_pieces": pieces.most_common(12)}
 
 
