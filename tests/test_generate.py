@@ -137,3 +137,38 @@ def test_sampling(setup):
         generate(params, cfg, prompts, 8, mode="beam")
     with pytest.raises(ValueError, match="needs a memory source"):
         generate(params, cfg, prompts, 8, mode="memory3")
+
+
+def numpy_logprob(logits: np.ndarray, tokens: np.ndarray) -> float:
+    """Sum over steps of log softmax(logits[s])[tokens[s]], in float64 numpy."""
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=-1))
+    return float((z[np.arange(len(tokens)), tokens] - lse).sum())
+
+
+def test_scoring_equals_what_cached_generation_read(setup):
+    """score() of each prompt's own greedy continuation (40 tokens; prompts of 9, 70, 128 and 140 tokens: the
+    128-token one continues in a new group of the same memories) equals the numpy log-likelihood of the cached
+    decoder's logits, in every mode, is greedy, and a continuation whose last token is not the argmax scores lower
+    and is not greedy."""
+    from m3jax.infer.score import score
+
+    cfg, params, source, tok = (setup[k] for k in ("cfg", "params", "source", "tokenizer"))
+    prompts = [*setup["prompts"], setup["prompts"][2][:128]]
+    for mode in ("none", "memory3", "rag"):
+        kw = {"source": source, "bos_id": tok.bos_id} if mode != "none" else {}
+        out = generate(params, cfg, prompts, 40, mode=mode, return_logits=True, **kw)
+        conts = [row.tolist() for row in out.tokens]
+        got = score(params, cfg, prompts, conts, mode=mode, batch_size=3, **kw)
+        want = [numpy_logprob(out.logits[i], out.tokens[i]) for i in range(len(prompts))]
+        np.testing.assert_allclose(got.logprob, want, rtol=1e-4, atol=2e-3, err_msg=mode)
+        assert got.greedy.all() and (got.tokens == 40).all(), mode
+        if mode != "none":
+            for a, b in zip(got.references, out.references, strict=True):
+                np.testing.assert_array_equal(a, b[:len(a)])
+        first = score(params, cfg, prompts, [c[:21] for c in conts], mode=mode, **kw)
+        bent = score(params, cfg, prompts, [c[:20] + [(c[20] + 1) % cfg.vocab_size] for c in conts], mode=mode, **kw)
+        assert (bent.logprob < first.logprob).all() and first.greedy.all() and not bent.greedy.any(), mode
+    with pytest.raises(ValueError, match="item 1: the context and the continuation"):
+        score(params, cfg, prompts[:2], [[1], []], mode="none")
