@@ -8,6 +8,7 @@ overlap filter called directly.
 """
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -518,9 +519,10 @@ def test_retrieve_refuses_a_provenance_of_other_texts(memory_kb, lm_data, tmp_pa
     from m3jax.memory.knowledge import load_references
     from m3jax.memory.writer import read_record
 
-    lines = open(memory_kb["knowledge"]).read().splitlines()
-    edited = tmp_path / "edited.jsonl"  # the first document replaced: as many documents, other references
-    edited.write_text("\n".join([lines[1], *lines[1:]]))
+    docs = [json.loads(line) for line in open(memory_kb["knowledge"]).read().splitlines()]
+    edited = tmp_path / "edited.jsonl"  # the first document's text replaced: as many documents, other references
+    docs[0]["text"] = docs[1]["text"]
+    edited.write_text("".join(json.dumps(d) + "\n" for d in docs))
     ours = load_references(str(edited), Tokenizer(memory_kb["tokenizer"]), memory_kb["refs"].ref_len).sha256()
     theirs = read_record(memory_kb["bank"])["references_sha256"]
     args = ("--config=tests/lm_test_config.py", f"--bank={memory_kb['bank']}", f"--out={tmp_path / 'ids'}")

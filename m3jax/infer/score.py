@@ -28,7 +28,6 @@ from m3jax.evals import cloze
 from m3jax.infer.generate import MODES, MemorySource, _prompt_memory, _rag_prompts
 from m3jax.model import ModelConfig
 from m3jax.model import params as params_lib
-from m3jax.model.memory import Memory
 
 
 @dataclasses.dataclass(frozen=True)
