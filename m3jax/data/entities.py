@@ -25,7 +25,8 @@ held out). The three texts:
 Held-out entities are not `prepare`'s held-out split: `m3jax.data.prepare` holds out whole *documents* of the
 training text by a hash of their doc id (train.jsonl's "id": `entity:<i>:<j>`, or the mixed-in document's), so
 some bios of training entities land in its held-out split instead (an entity keeps its facts in training while any
-of its bios is in the train split), and held-out entities, having no bios, are in neither: they exist only in the knowledge base and the cloze items.
+of its bios is in the train split), and held-out entities, having no bios, are in neither: they exist only in the
+knowledge base and the cloze items.
 """
 
 from __future__ import annotations
