@@ -172,3 +172,92 @@ def test_scoring_equals_what_cached_generation_read(setup):
         assert (bent.logprob < first.logprob).all() and first.greedy.all() and not bent.greedy.any(), mode
     with pytest.raises(ValueError, match="item 1: the context and the continuation"):
         score(params, cfg, prompts[:2], [[1], []], mode="none")
+
+
+def plain_logprob(cfg, params, seq, scored_from):
+    """Summed numpy log-softmax log-probabilities of seq[scored_from + 1:], the plain model over seq."""
+    model = params_lib.model_from(cfg, params)
+    x = np.asarray(seq, np.int32)[None]
+    logits = np.asarray(jax.jit(model.__call__)(x, np.arange(x.shape[1], dtype=np.int32)[None], np.ones_like(x)),
+                        np.float64)[0, scored_from:-1, :cfg.vocab_size]
+    return numpy_logprob(logits, np.asarray(seq[scored_from + 1:])), len(seq) - 1 - scored_from
+
+
+def test_passage_perplexity_reads_the_previous_chunks_memories(setup):
+    """Memory3 perplexity (chunk g reads what chunk g - 1 retrieves, filtered against the passage) equals
+    decoding the passage token by token through the KV cache, swapping in those memories at each chunk boundary;
+    the plain and RAG modes equal numpy log-softmax of the plain model; memory moves the loss."""
+    from m3jax.infer.evaluation import Evaluator, passage_perplexity
+
+    cfg, params, source, tok = (setup[k] for k in ("cfg", "params", "source", "tokenizer"))
+    passages = [setup["prompts"][2][1:], setup["prompts"][1][1:]]  # 139 and 69 tokens: 3 and 2 chunks
+    ev = Evaluator(params, cfg, tok, source, slots=SLOTS, batch_size=2)
+    got = passage_perplexity(ev, passages)
+    assert got["tokens"] == 208
+    model = params_lib.model_from(cfg, params)
+    decode = jax.jit(model.decode_step)
+    start, chunk = cfg.context_start(len(source.sink)), cfg.memory_chunk_size
+    total, count, rag_total, none_total = 0.0, 0, 0.0, 0.0
+    for passage in passages:
+        full = [tok.bos_id, *passage]
+        kv, positions = source.memories(np.full((1, SLOTS), -1), cfg.compute_dtype)
+        memory = Memory.from_rows(kv, np.full((1, 1, SLOTS), -1, np.int32), valid_keys(positions), source.sink)
+        logits, cache = model.prefill(np.asarray([[full[0]]], np.int32), np.asarray([[start]], np.int32),
+                                      np.ones((1, 1), np.int32), np.zeros((1, 1), np.int32), memory,
+                                      len(source.sink) + len(full) + 8)
+        steps = [np.asarray(logits[0, -1, :cfg.vocab_size], np.float64)]
+        for m in range(1, len(full) - 1):
+            if m % chunk == 0:  # group m // chunk reads the previous chunk's references
+                ids = source.retrieve([full[m - chunk:m]], against=[full])[:, :SLOTS]
+                kv, positions = source.memories(ids, cfg.compute_dtype)
+                kv = jax.numpy.moveaxis(jax.numpy.asarray(kv), 2, 0)
+                cache = cache.with_memories(kv[:, :, :, 0], kv[:, :, :, 1], jax.numpy.asarray(valid_keys(positions)))
+            logits, cache = decode(np.asarray([[full[m]]], np.int32), np.asarray([[start + m]], np.int32), cache)
+            steps.append(np.asarray(logits[0, -1, :cfg.vocab_size], np.float64))
+        total += numpy_logprob(np.stack(steps), np.asarray(full[1:]))
+        count += len(full) - 1
+        none_total += plain_logprob(cfg, params, full, 0)[0]
+        ids = source.retrieve([full[:chunk]], against=[full])[0, :SLOTS]
+        text = [int(x) for r in setup["bank"].read_tokens(ids[ids >= 0]) for x in r if x >= 0]
+        rag_total += plain_logprob(cfg, params, [full[0], *text, *full[1:]], len(text))[0]
+    np.testing.assert_allclose(got["memory3"]["loss"], -total / count, rtol=1e-5)
+    np.testing.assert_allclose(got["none"]["loss"], -none_total / count, rtol=1e-5)
+    np.testing.assert_allclose(got["rag"]["loss"], -rag_total / count, rtol=1e-5)
+    assert abs(got["memory3"]["loss"] - got["none"]["loss"]) > 1e-3
+    np.testing.assert_allclose(got["none"]["perplexity"], np.exp(got["none"]["loss"]))
+
+
+def test_multiple_choice_and_knowledge_cloze_choose_by_likelihood(setup):
+    """Multiple choice picks the choice of highest log-likelihood after the context (acc) or per character
+    (acc_norm): the plain mode's choices equal numpy log-softmax of the plain model; knowledge cloze items hold
+    the true continuation among distractors and score its loss; malformed items are refused by index."""
+    from m3jax.infer.evaluation import Evaluator, document_windows, knowledge_cloze, multiple_choice
+
+    cfg, params, source, tok = (setup[k] for k in ("cfg", "params", "source", "tokenizer"))
+    ev = Evaluator(params, cfg, tok, source, slots=SLOTS, batch_size=4)
+    words = tok.decode(setup["prompts"][2][1:]).split()
+    items = [{"context": " ".join(words[i:i + 12]), "choices": [words[i + 12], words[i + 20], "zebra"],
+              "answer": i % 3} for i in (0, 4, 8)]
+    got = multiple_choice(ev, items)
+    acc, acc_norm = [], []
+    for it in items:
+        ctx = [tok.bos_id, *tok.encode(it["context"])]
+        lps = np.asarray([plain_logprob(cfg, params, ctx + tok.encode(" " + c), len(ctx) - 1)[0]
+                          for c in it["choices"]])
+        acc.append(np.argmax(lps) == it["answer"])
+        acc_norm.append(np.argmax(lps / [len(" " + c) for c in it["choices"]]) == it["answer"])
+    assert got["none"] == {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm))}
+    assert set(got) == {"items", "none", "memory3", "rag"} and got["items"] == 3
+    with pytest.raises(ValueError, match="item 1: needs choices and an answer index"):
+        multiple_choice(ev, [items[0], {"context": "x", "choices": ["a"], "answer": 3}])
+
+    docs = [p[1:] for p in setup["prompts"][1:]] + [setup["prompts"][2][60:]]
+    windows = document_windows(docs, 40, 8, distractors=2, seed=1)
+    assert len(windows) == 3
+    for w, d in zip(windows, docs, strict=True):
+        assert w["question"] == list(d[:40]) and w["choices"][w["answer"]] == list(d[40:48])
+    cloze_out = knowledge_cloze(ev, windows)
+    for mode in ("none", "memory3", "rag"):
+        assert 0 <= cloze_out[mode]["accuracy"] <= 1 and cloze_out[mode]["answer_loss"] > 0
+    with pytest.raises(ValueError, match="too few for 5 distractors"):
+        document_windows(docs, 40, 8, distractors=5)

@@ -7,7 +7,8 @@ Stages (real components; each one's wall time is measured and kept in WORKDIR/st
 stage whose record exists; `--share_from=OTHER` takes OTHER's entities, tokenizer, data, warm-up and retrieved ids,
 so a sweep over stage-2 settings (k, memory layers, steps, learning rate) retrains only stage 2):
   entities     tools/make_entities.py: fictional people; held-out ones exist only in the knowledge base; the
-               stage-2 text is their bios mixed with the embedded corpus (--mix_ratio of the characters)
+               stage-2 text is their bios mixed with the embedded corpus (--mix_ratio of the characters);
+               --num_attributes=N keeps the first N attributes (4: references of ~37 tokens instead of ~71-100)
   tokenizer    tools/train_tokenizer.py on the stage-2 text
   data         tools/prepare_data.py at --seq_len (256) (the stage-2 text)
   data_warmup  the embedded corpus alone (--warmup_text=corpus, the default): no entity's facts are in the
