@@ -1,0 +1,58 @@
+"""tools/evaluate.py: a checkpoint evaluated in three modes side by side, the same numbers on any device count."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, cli_env
+
+
+def evaluate(root, out, devices, *args):
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", f"--out={out}", *args], cwd=REPO,
+                          env=cli_env(root, devices), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def numbers(tree, prefix=""):
+    """Every float of a results tree by its path, settings left out."""
+    out = {}
+    for key, value in tree.items():
+        if key == "settings":
+            continue
+        if isinstance(value, dict):
+            out.update(numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, float):
+            out[prefix + key] = value
+    return out
+
+
+@pytest.mark.slow
+def test_evaluation_reproduces_on_another_device_count(reference_run, memory_kb, kb_retrieval, lm_data, tmp_path):
+    """The 8-device reference run's checkpoint, evaluated on 1 device and on 4 with the parameters sharded over
+    them (fsdp 4): the same numbers in every suite and mode; memory and RAG change them; held-out text and a
+    multiple-choice file are scored item by item (the counts are every item's)."""
+    words = (Path(REPO) / "README.md").read_text().split()
+    choices = tmp_path / "choices.jsonl"
+    choices.write_text("".join(json.dumps({"context": " ".join(words[i:i + 20]), "answer": i % 2,
+                                           "choices": [words[i + 20], words[i + 50]][:: 1 - 2 * (i % 2)]}) + "\n"
+                               for i in range(0, 300, 60)))
+    common = [f"--checkpoint={reference_run['workdir']}", f"--bank={memory_kb['bank']}", "--bank_other_checkpoint",
+              f"--index={kb_retrieval['index']}", f"--choices={choices}", f"--heldout_data={memory_kb['data']}",
+              "--passages=6", "--question_tokens=32", "--answer_tokens=8", "--distractors=1", "--batch_size=4"]
+    one, printed = evaluate(memory_kb["root"], tmp_path / "one.json", 1, *common)
+    four, _ = evaluate(memory_kb["root"], tmp_path / "four.json", 4, *common, "--fsdp=4")
+    assert (one["settings"]["devices"], four["settings"]["devices"]) == (1, 4)
+    a, b = numbers(one), numbers(four)
+    assert a.keys() == b.keys() and len(a) >= 12
+    np.testing.assert_allclose([b[k] for k in a], list(a.values()), rtol=2e-5, atol=2e-6)
+    assert one["choices"]["items"] == 5 and one["perplexity"]["passages"] == 6
+    assert one["knowledge_cloze"]["items"] >= 2
+    for suite in ("perplexity", "knowledge_cloze"):
+        loss = "loss" if suite == "perplexity" else "answer_loss"
+        assert abs(one[suite]["memory3"][loss] - one[suite]["none"][loss]) > 1e-4, suite
+        assert abs(one[suite]["rag"][loss] - one[suite]["none"][loss]) > 1e-4, suite
+    assert "perplexity" in printed and "memory3" in printed
