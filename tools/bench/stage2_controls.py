@@ -127,7 +127,8 @@ def main(argv):
             b.stage(name, lambda name=name, seed=seed, extra=extra: b.run(
                 "-m", "m3jax.train", "--config=configs/continued_demo.py", f"--workdir={b.path(name)}",
                 f"--config.init_from={warm}/checkpoints/{w}", f"--config.data.path={data}",
-                f"--config.memory.bank={bank}", f"--config.seed={seed}", f"--config.data.shuffle_seed={seed}",
+                f"--config.memory.bank={bank}", "--config.retrieval.mode=bank",
+                f"--config.seed={seed}", f"--config.data.shuffle_seed={seed}",
                 f"--config.data.global_batch_size={batch}", f"--config.train.num_steps={s}",
                 f"--config.train.checkpoint_every={s}", f"--config.train.eval_every={s}",
                 f"--config.train.eval_batches={eval_batches}", "--config.train.log_every=10", *memory_flags, *extra,

@@ -16,7 +16,7 @@ so a sweep over stage-2 settings (k, memory layers, steps, learning rate) retrai
   warmup       configs/demo.py's model, LM objective, --warmup_steps
   bank         tools/write_memory.py: the knowledge base's memories, written by the warm-up checkpoint
   index        tools/build_index.py;  retrieve: tools/retrieve.py (the train split's reference ids)
-  stage2_memory  configs/continued_demo.py (bank mode) from the warm-up checkpoint, --stage2_steps
+  stage2_memory  configs/continued_demo.py in --mode (bank: the warm-up's bank) from the warm-up checkpoint
   stage2_off     (--controls) the same init, steps, data order and schedule, memory.read=False
   bank_*       banks rewritten by each stage-2 checkpoint (the "rewritten" rows)
   cloze        m3jax/infer/cloze.py on --eval_entities held-out and training entities, every arm, every model
@@ -93,11 +93,11 @@ def memory_flags() -> list[str]:
 
 
 def stage2_mode_flags(knowledge: str, spm: str) -> list[str]:
-    """Stage 2's memory mode: bank (the default config's) or online, with or without the encoding's gradient."""
+    """Stage 2's memory mode: bank (the warm-up's bank) or online, with or without the encoding's gradient."""
     if _MODE.value == "bank":
         if _ENCODE_GRAD.value:
             raise app.UsageError("--encode_grad needs --mode=online: a bank's memories are constants")
-        return []
+        return ["--config.retrieval.mode=bank"]
     return ["--config.retrieval.mode=online", f"--config.memory.knowledge={knowledge}",
             f"--config.data.tokenizer={spm}", f"--config.memory.encode_grad={_ENCODE_GRAD.value}"]
 
