@@ -99,12 +99,7 @@ def main(argv):
     from m3jax.evals import entities as entity_eval
     from m3jax.infer import evaluation
     from m3jax.infer.generate import BankMemories
-    from m3jax.memory import bank as bank_lib
     from m3jax.memory.bank import BankMismatchError
-    from m3jax.retrieval import build
-    from m3jax.retrieval.embedder import Embedder
-    from m3jax.retrieval.index import Index
-    from m3jax.retrieval.query import QueryRetriever
 
     results: dict = {}
     try:
@@ -119,15 +114,9 @@ def main(argv):
         if set(_MODES.value) - {"none"}:
             if not _BANK.value:
                 raise ValueError(f"--modes={','.join(_MODES.value)} needs --bank (or --modes=none)")
-            bank = bank_lib.MemoryBank.open(_BANK.value, expect_architecture=bank_lib.architecture(cfg),
-                                            expect_tokenizer=tokenizer.sha256, expect_checkpoint=loaded.identity,
-                                            allow_other_checkpoint=_OTHER.value)
-            embedder = Embedder.from_config(saved.retrieval)
-            index = Index.load(_INDEX.value or build.default_index_dir(_BANK.value),
-                               expect_embedder=embedder.identity, expect_bank=build.bank_binding(bank))
-            retriever = QueryRetriever.from_config(saved.retrieval, embedder, index, bank.read_tokens, tokenizer,
-                                                   refs=slots)
-            source = BankMemories(bank, retriever, tokenizer)
+            source = BankMemories.open(_BANK.value, cfg=cfg, retrieval=saved.retrieval, tokenizer=tokenizer,
+                                       checkpoint=loaded.identity, slots=slots, index_path=_INDEX.value,
+                                       allow_other_checkpoint=_OTHER.value)
         ev = evaluation.Evaluator(loaded.params, cfg, tokenizer, source, tuple(_MODES.value), slots, _BATCH.value)
         with mesh:
             if _ENTITIES.value:

@@ -66,12 +66,7 @@ def main(argv):
     from m3jax.data.records import read_metadata
     from m3jax.data.tokenizer import Tokenizer
     from m3jax.infer.generate import BankMemories, Sampling, generate
-    from m3jax.memory import bank as bank_lib
     from m3jax.memory.bank import BankMismatchError
-    from m3jax.retrieval import build
-    from m3jax.retrieval.embedder import Embedder
-    from m3jax.retrieval.index import Index
-    from m3jax.retrieval.query import QueryRetriever
 
     try:
         prompts = read_prompts()
@@ -83,15 +78,9 @@ def main(argv):
         if _MODE.value != "none":
             if not _BANK.value:
                 raise ValueError(f"--mode={_MODE.value} needs --bank")
-            bank = bank_lib.MemoryBank.open(_BANK.value, expect_architecture=bank_lib.architecture(cfg),
-                                            expect_tokenizer=tokenizer.sha256, expect_checkpoint=loaded.identity,
-                                            allow_other_checkpoint=_OTHER.value)
-            embedder = Embedder.from_config(saved.retrieval)
-            index = Index.load(_INDEX.value or build.default_index_dir(_BANK.value),
-                               expect_embedder=embedder.identity, expect_bank=build.bank_binding(bank))
-            retriever = QueryRetriever.from_config(saved.retrieval, embedder, index, bank.read_tokens, tokenizer,
-                                                   refs=slots)
-            source = BankMemories(bank, retriever, tokenizer)
+            source = BankMemories.open(_BANK.value, cfg=cfg, retrieval=saved.retrieval, tokenizer=tokenizer,
+                                       checkpoint=loaded.identity, slots=slots, index_path=_INDEX.value,
+                                       allow_other_checkpoint=_OTHER.value)
         encoded = [[tokenizer.bos_id, *ids] for ids in tokenizer.encode_batch(prompts)]
         out = generate(loaded.params, cfg, encoded, _MAX_NEW.value, mode=_MODE.value, source=source, slots=slots,
                        sampling=Sampling(_TEMPERATURE.value, _TOP_P.value, _SEED.value), bos_id=tokenizer.bos_id)

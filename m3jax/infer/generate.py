@@ -77,6 +77,27 @@ class BankMemories:
         self.bank, self.retriever, self.tokenizer = bank, retriever, tokenizer
         self.sink = np.asarray(bank.metadata["sink_tokens"], np.int32)
 
+    @classmethod
+    def open(cls, bank_path: str, *, cfg: ModelConfig, retrieval, tokenizer, checkpoint, slots: int,
+             index_path: str | None = None, allow_other_checkpoint: bool = False) -> BankMemories:
+        """The bank at `bank_path` (refused unless written for `cfg`'s architecture and `tokenizer`, by the
+        `checkpoint` identity, or another with `allow_other_checkpoint`), its index (default BANK/index, bound to
+        the bank and the embedder of `retrieval` = a config's retrieval section) and a `slots`-reference retriever
+        with the evaluation filter."""
+        from m3jax.memory import bank as bank_lib
+        from m3jax.retrieval import build
+        from m3jax.retrieval.embedder import Embedder
+        from m3jax.retrieval.index import Index
+
+        bank = bank_lib.MemoryBank.open(bank_path, expect_architecture=bank_lib.architecture(cfg),
+                                        expect_tokenizer=tokenizer.sha256, expect_checkpoint=checkpoint,
+                                        allow_other_checkpoint=allow_other_checkpoint)
+        embedder = Embedder.from_config(retrieval)
+        index = Index.load(index_path or build.default_index_dir(bank_path), expect_embedder=embedder.identity,
+                           expect_bank=build.bank_binding(bank))
+        retriever = QueryRetriever.from_config(retrieval, embedder, index, bank.read_tokens, tokenizer, refs=slots)
+        return cls(bank, retriever, tokenizer)
+
     def retrieve(self, queries, against):
         texts = [self.tokenizer.decode([t for t in q if t >= 0]) for q in queries]
         return self.retriever(texts, against=[np.asarray(a, np.int64) for a in against])
