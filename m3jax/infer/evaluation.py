@@ -21,19 +21,15 @@ evaluation threshold, eq. 6 at `retrieval.eval_max_overlap` against the question
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from m3jax.evals import cloze
 from m3jax.infer.generate import MODES, MemorySource, generate
-from m3jax.infer.score import score
+from m3jax.infer.score import score, token_logprob_fn
 from m3jax.model import ModelConfig
-from m3jax.model import params as params_lib
 from m3jax.model.memory import Memory, valid_keys
 
 
@@ -72,7 +68,7 @@ def entity_knowledge(ev: Evaluator, items: Sequence[dict], own_reference: np.nda
     (-1 = not in the source). Returns per mode accuracy and answer loss (overall and per attribute), and the
     prompts' recall@1 of their own reference."""
     prompts = ev.encode([it["prompt"] for it in items])
-    answers = [ids for ids in ev.tokenizer.encode_batch([" " + it["answer"] for it in items])]
+    answers = ev.tokenizer.encode_batch([" " + it["answer"] for it in items])
     attributes = [it.get("attribute", "") for it in items]
     out: dict = {"items": len(items)}
     if ev.source is not None:
@@ -221,15 +217,6 @@ def _causal_memory_logprob(ev: Evaluator, passages: list[list[int]]) -> tuple[np
     memory_group = np.where(segment > 0, np.arange(t)[None] // chunk, -1).astype(np.int32)
     start = cfg.context_start(len(source.sink))
     pos = (start + np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))).astype(np.int32)
-    lp = np.asarray(_token_logprob_fn(cfg)(ev.params, tokens, pos, segment, memory_group, memory, targets),
-                    np.float64)
+    lp, _ = token_logprob_fn(cfg)(ev.params, tokens, pos, segment, memory_group, memory, targets)
+    lp = np.asarray(lp, np.float64)
     return np.where(segment > 0, lp, 0.0).sum(axis=1), segment.sum(axis=1).astype(np.int64)
-
-
-@functools.cache
-def _token_logprob_fn(cfg: ModelConfig):
-    def forward(params, tokens, positions, segment, memory_group, memory, targets):
-        logits = params_lib.model_from(cfg, params)(tokens, positions, segment, memory_group, memory)
-        logp = jax.nn.log_softmax(logits[..., :cfg.vocab_size].astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return jax.jit(forward)

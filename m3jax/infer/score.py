@@ -112,13 +112,16 @@ def _score_batch(params, cfg, contexts, continuations, mode, source, slots):
         memory_group = np.where(segment > 0, 0, -1).astype(np.int32)
         start = 0
     positions = (start + np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))).astype(np.int32)
-    lp, greedy = _forward_fn(cfg)(params, tokens, positions, segment, memory_group, memory, targets)
+    lp, greedy = token_logprob_fn(cfg)(params, tokens, positions, segment, memory_group, memory, targets)
     lp, greedy = np.asarray(lp, np.float64), np.asarray(greedy)
     return (np.where(scored, lp, 0.0).sum(axis=1), np.where(scored, greedy, True).all(axis=1), references)
 
 
 @functools.cache
-def _forward_fn(cfg: ModelConfig):
+def token_logprob_fn(cfg: ModelConfig):
+    """jit(params, tokens, positions, segment_ids, memory_group, memory, targets) -> (log-probability of each
+    target [b, t] float32, whether it is the argmax [b, t]): one forward pass."""
+
     def forward(params, tokens, positions, segment, memory_group, memory, targets):
         logits = params_lib.model_from(cfg, params)(tokens, positions, segment, memory_group, memory)
         logits = logits[..., :cfg.vocab_size].astype(jnp.float32)
