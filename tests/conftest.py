@@ -157,6 +157,62 @@ def kb_retrieval(memory_kb):
             "retrieve_stdout": retrieved.stdout}
 
 
+# The continued-stage fixture model (test_continued, test_evaluate_tool): the entity experiment of
+# tools/bench/stage2_entities.py end to end at a size the suite affords, once per session. Fictional people with two
+# attributes (references of ~27 tokens), the warm-up on the embedded corpus alone, then the continued stage in the
+# default online mode with the encoding's gradient, every reference token kept (k = 32) in both layers, 600 steps.
+# Held-out entities exist only in the knowledge base, so whatever the model answers right about them it read from
+# memory. It takes ~6 minutes of one process that is mostly idle waiting on small ops, so it starts in the
+# background when the collected tests need it, and the tests that use it run last.
+ENTITY_RUN = ("--num_entities=400", "--num_attributes=2", "--mix_ratio=0.8", "--vocab_size=512",
+              "--warmup_steps=100", "--stage2_steps=600", "--batch_size=16", "--seq_len=128", "--mode=online",
+              "--encode_grad", "--k=32", "--memory_layers=all", "--peak_lr=3e-3", "--nocontrols", "--eval_entities=40",
+              "--overrides=model.num_layers=2,model.hidden_size=128,model.num_heads=4,model.num_kv_heads=2,"
+              "model.mlp_dim=256")
+_entity_run: dict = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Starts the entity run in the background if a collected test uses it, and moves those tests to the end."""
+    import subprocess
+    import sys
+    import tempfile
+
+    users = [item for item in items if "entity_run" in getattr(item, "fixturenames", ())]
+    if not users or _entity_run:
+        return
+    items[:] = [item for item in items if item not in users] + users
+    root = Path(tempfile.mkdtemp(prefix="m3jax-entity-run-"))
+    log = open(root / "bench.log", "w")  # noqa: SIM115 (the process writes it until the fixture joins it)
+    proc = subprocess.Popen([sys.executable, "tools/bench/stage2_entities.py", f"--workdir={root / 'bench'}",
+                             *ENTITY_RUN], cwd=REPO, env=cli_env(root), stdout=log, stderr=subprocess.STDOUT)
+    _entity_run.update(root=root, proc=proc, log=log)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    if _entity_run:
+        if _entity_run["proc"].poll() is None:
+            _entity_run["proc"].kill()
+            _entity_run["proc"].wait()
+        _entity_run["log"].close()
+        shutil.rmtree(_entity_run["root"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def entity_run():
+    """ENTITY_RUN's workdir (entities/, tokenizer/, warmup/, bank/ with its index, stage2_memory/ and the bank its
+    final checkpoint wrote, bank_stage2_memory/), its results.json and printed table."""
+    assert _entity_run, "the entity run starts at collection (pytest_collection_modifyitems)"
+    rc = _entity_run["proc"].wait(timeout=1800)
+    _entity_run["log"].flush()
+    printed = (_entity_run["root"] / "bench.log").read_text()
+    assert rc == 0, f"tools/bench/stage2_entities.py failed (exit {rc}):\n{printed[-3000:]}"
+    workdir = _entity_run["root"] / "bench"
+    return {"workdir": workdir, "results": json.loads((workdir / "results.json").read_text()), "stdout": printed}
+
+
 # Resume, preemption and fault tests (test_train, test_ops, test_multiprocess, test_launch): the settings shared by
 # runs compared with one uninterrupted reference run, that run (built once), and what each invocation of a run did.
 

@@ -56,3 +56,30 @@ def test_evaluation_reproduces_on_another_device_count(reference_run, memory_kb,
         assert abs(one[suite]["memory3"][loss] - one[suite]["none"][loss]) > 1e-4, suite
         assert abs(one[suite]["rag"][loss] - one[suite]["none"][loss]) > 1e-4, suite
     assert "perplexity" in printed and "memory3" in printed
+
+
+@pytest.mark.slow
+def test_entity_knowledge_with_memory_without_it_and_with_rag(entity_run, tmp_path):
+    """The continued-stage fixture model on its held-out entities (facts only the knowledge base holds), through the
+    bank its final checkpoint wrote: every item scored, retrieval by the prompt alone finds the entity's reference,
+    and Memory3 answers what the same weights without memory cannot, by the margin test_continued asserts; RAG is
+    reported beside it (it reads the references as text, which this model never trained on). One memory per chunk
+    (--slots=1): in training a bio chunk read its own entity's reference and no other (the paper layout's other
+    slots are earlier chunks of the same document, and a bio is one chunk), so this model never learned to choose
+    among references; with 5 retrieved ones it reads the wrong entity's facts (README, "Evaluating a checkpoint")."""
+    from test_continued import ENTITY_MARGIN
+
+    work = entity_run["workdir"]
+    heldout = sum(json.loads(line)["heldout"] for line in (work / "entities" / "cloze.jsonl").read_text().splitlines())
+    results, printed = evaluate(work, tmp_path / "entities.json", 2, f"--checkpoint={work / 'stage2_memory'}",
+                                f"--bank={work / 'bank_stage2_memory'}", f"--index={work / 'bank' / 'index'}",
+                                f"--entities={work / 'entities'}", "--heldout_data=", "--batch_size=32",
+                                "--slots=1")
+    got = results["entities"]
+    assert got["items"] == heldout, "every held-out item is scored, the last partial batch too"
+    assert got["recall_at_1"] >= 0.9
+    assert got["memory3"]["accuracy"] >= got["none"]["accuracy"] + ENTITY_MARGIN, printed
+    assert got["memory3"]["answer_loss"] < got["none"]["answer_loss"], printed
+    assert 0.0 <= got["rag"]["accuracy"] <= 1.0 and np.isfinite(got["rag"]["answer_loss"])
+    assert results["settings"]["eval_max_overlap"] == pytest.approx(2 / 3)
+    assert "entities" in printed and "rag" in printed
