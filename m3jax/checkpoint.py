@@ -114,6 +114,24 @@ class Checkpointer:
         self.manager.close()
 
 
+def save_params(directory: str | os.PathLike, params: Any, config: dict, loop_state: dict,
+                step: int = 0) -> epath.Path:
+    """Writes a checkpoint of parameters alone (an imported model) as step `step` of `directory`, in the layout
+    above; returns its step directory.
+
+    Its train state holds only `params`, which is all that `init_from` (`load_params`) and the jobs (`load_model`)
+    read: there is no optimiser or data-iterator state, so no run resumes from it. `loop_state` should carry a run
+    id (`new_run_id`), which a bank written with these parameters records.
+    """
+    ckpt = Checkpointer(directory, max_to_keep=1, async_save=False)
+    try:
+        ckpt.save(step, {"params": params}, {}, config, loop_state)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    return ckpt.directory / str(step)
+
+
 def resolve_step_dir(path: str | os.PathLike) -> epath.Path:
     """A run's workdir or checkpoint directory (-> its latest step), or one step directory -> that step's directory."""
     path = epath.Path(os.path.abspath(path))
