@@ -172,8 +172,9 @@ ENTITY_RUN = ("--num_entities=400", "--num_attributes=2", "--mix_ratio=0.8", "--
 _entity_run: dict = {}
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only the tests that will run count
 def pytest_collection_modifyitems(session, config, items):
-    """Starts the entity run in the background if a collected test uses it, and moves those tests to the end."""
+    """Starts the entity run in the background if a selected test uses it, and moves those tests to the end."""
     import subprocess
     import sys
     import tempfile
@@ -182,6 +183,8 @@ def pytest_collection_modifyitems(session, config, items):
     if not users or _entity_run:
         return
     items[:] = [item for item in items if item not in users] + users
+    if config.option.collectonly:
+        return
     root = Path(tempfile.mkdtemp(prefix="m3jax-entity-run-"))
     log = open(root / "bench.log", "w")  # noqa: SIM115 (the process writes it until the fixture joins it)
     proc = subprocess.Popen([sys.executable, "tools/bench/stage2_entities.py", f"--workdir={root / 'bench'}",
