@@ -51,7 +51,7 @@ class MemoryInputs:
     @classmethod
     def from_rows(cls, rows, index, valid) -> MemoryInputs:
         """From the bank's row layout: rows [b, M, Lm, 2, mkv, kk, d] (numpy, jax or torch), index, valid."""
-        kv = torch.as_tensor(np.asarray(rows, np.float32)).movedim(2, 0)  # [Lm, b, M, 2, mkv, kk, d]
+        kv = torch.from_numpy(np.array(rows, np.float32)).movedim(2, 0)  # [Lm, b, M, 2, mkv, kk, d]
         return cls(keys=kv[:, :, :, 0], values=kv[:, :, :, 1], index=torch.as_tensor(np.asarray(index, np.int64)),
                    valid=torch.as_tensor(np.asarray(valid, bool)))
 
