@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh
 
-from m3jax import parallel
+from m3jax import parallel, paths
 from m3jax.model import params as params_lib
 from m3jax.model.config import ARCHITECTURE_FIELDS, ModelConfig
 
@@ -46,7 +46,7 @@ class Checkpointer:
     """Keeps the last `max_to_keep` checkpoints of a run under `directory`."""
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int, async_save: bool = True):
-        self.directory = epath.Path(os.path.abspath(directory))  # Orbax needs absolute paths
+        self.directory = paths.absolute(directory)  # a bucket URL, or a local path made absolute (as Orbax needs)
         self._check_readable_layout()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
@@ -134,7 +134,7 @@ def save_params(directory: str | os.PathLike, params: Any, config: dict, loop_st
 
 def resolve_step_dir(path: str | os.PathLike) -> epath.Path:
     """A run's workdir or checkpoint directory (-> its latest step), or one step directory -> that step's directory."""
-    path = epath.Path(os.path.abspath(path))
+    path = paths.absolute(path)
     if (path / "state").exists():
         return path
     if (path / "checkpoints").is_dir():

@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from m3jax import paths
 from m3jax.parallel import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
 
 REMAT_POLICIES = ("none", "full", "dots")
@@ -358,7 +359,7 @@ def resolve(c: ml_collections.ConfigDict, *, saved: dict | None = None, log=None
     with c.unlocked():  # local paths: the same files whatever the working directory (a resume compares them)
         for section, key in (("data", "path"), ("data", "tokenizer"), ("memory", "bank"), ("retrieval", "ids_path"),
                              ("eval", "cloze"), ("eval", "cloze_index")):
-            if c[section][key] and "://" not in c[section][key]:
+            if c[section][key] and not paths.is_url(c[section][key]):
                 c[section][key] = os.path.abspath(c[section][key])
     if c.eval.cloze and not os.path.isfile(c.eval.cloze):
         raise ConfigError(f"config.eval.cloze: no file {c.eval.cloze} (the cloze.jsonl of tools/make_entities.py)")

@@ -1,20 +1,70 @@
-"""Metric sinks: stdout, a JSONL file and TensorBoard event files. Only process 0 writes."""
+"""Metric sinks: stdout, a JSONL file and TensorBoard event files, in a local workdir or a bucket (`gs://...`).
+Only process 0 writes.
+
+Locally every metrics.jsonl line is flushed as it is written. A bucket's objects cannot be appended to, so there a
+file is kept in memory and rewritten whole (`BucketFile`): metrics.jsonl at most every `upload_every_s` seconds
+and at close, TensorBoard's event files when tensorboardX flushes them (every 2 minutes) and at close. A run
+killed in between loses its last lines there (stdout has them).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
-from tensorboardX import SummaryWriter
+from etils import epath
+from tensorboardX import SummaryWriter, record_writer
+
+from m3jax import paths
+
+
+class BucketFile:
+    """A file in a bucket opened for appending: its bytes so far (those already there, then the ones written), which
+    `flush` writes as the whole object, through etils.epath."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = epath.Path(path)
+        self.data = bytearray(self.path.read_bytes() if self.path.exists() else b"")
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def flush(self) -> None:
+        self.path.write_bytes(bytes(self.data))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
+
+
+class _BucketEventFiles:
+    """tensorboardX's writer factory for gs:// event files: `BucketFile`s (its own writes through the
+    google-cloud-storage client, and writes the whole file again when garbage-collected)."""
+
+    def open(self, path: str) -> BucketFile:
+        return BucketFile(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # a bucket has no directories to create
+
+
+record_writer.register_writer_factory("gs", _BucketEventFiles())
 
 
 class MetricWriter:
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, *, upload_every_s: float = 30.0):
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 - closed in close()
+            jsonl = os.path.join(workdir, "metrics.jsonl")
+            self._local = not paths.is_url(workdir)
+            if self._local:
+                os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(jsonl, "ab") if self._local else BucketFile(jsonl)  # noqa: SIM115 - closed in close()
+            self._upload_every_s, self._uploaded = upload_every_s, time.monotonic()
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
@@ -22,8 +72,10 @@ class MetricWriter:
             return
         fields = "  ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         print(f"[{prefix}] step {step}: {fields}", flush=True)
-        self._jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
-        self._jsonl.flush()
+        self._jsonl.write((json.dumps({"step": step, "split": prefix, **metrics}) + "\n").encode())
+        if self._local or time.monotonic() - self._uploaded >= self._upload_every_s:
+            self._jsonl.flush()
+            self._uploaded = time.monotonic()
         for k, v in metrics.items():
             self._tb.add_scalar(f"{prefix}/{k}", v, step)
 

@@ -1,0 +1,170 @@
+"""gs:// paths on a local GCS server (tests/gcs_fixtures.py): the storage layers, a training run, a memory bank.
+
+Each writes through the libraries' own gs:// layers (TensorStore's gcs kvstore, etils.epath on gcsfs, Orbax on
+both), never through a local copy, and must give what the same job gives on local disk, bit for bit.
+"""
+
+import hashlib
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tensorstore as ts
+from conftest import assert_invocations, reference_config
+from etils import epath
+from tensorboardX.record_writer import masked_crc32c
+
+from m3jax.checkpoint import load_loop_state, load_params
+from m3jax.data.corpus import embedded_corpus
+from m3jax.data.tokenizer import Tokenizer
+from m3jax.memory import bank as bank_lib
+from m3jax.memory import knowledge, writer
+from m3jax.memory.bank import MemoryBank
+from m3jax.model import params as params_lib
+from m3jax.model.config import ModelConfig
+from m3jax.train import loop
+
+pytest_plugins = ("gcs_fixtures",)  # the `gcs` fixture: a gs:// base on a local GCS server
+
+
+def test_tensorstore_and_epath_round_trip(gcs):
+    """A zarr3 array through TensorStore's gcs kvstore and a text file through epath, written and read back;
+    conditional writes; a process the test starts reaches the same server."""
+    spec = {"driver": "zarr3", "kvstore": f"{gcs}/array/",
+            "metadata": {"shape": [3, 5], "data_type": "int32", "chunk_grid": {
+                "name": "regular", "configuration": {"chunk_shape": [2, 5]}}}}
+    values = np.arange(15, dtype=np.int32).reshape(3, 5)
+    ts.open(spec, create=True).result()[...].write(values).result()
+    np.testing.assert_array_equal(ts.open({k: spec[k] for k in ("driver", "kvstore")}).result().read().result(),
+                                  values)
+
+    path = epath.Path(gcs) / "dir" / "note.txt"
+    path.write_text("hello")
+    assert path.read_text() == "hello" and path.exists() and not (epath.Path(gcs) / "missing").exists()
+    assert [p.name for p in path.parent.iterdir()] == ["note.txt"]
+    assert sorted(p.name for p in epath.Path(gcs).iterdir()) == ["array", "dir"]
+
+    # Conditional writes, as GCS does them (TensorStore's create-once and read-modify-write rest on them)
+    store = ts.KvStore.open(f"{gcs}/kv/").result()
+    missing = store.read("x").result()
+    assert missing.state == "missing"
+    first = store.write("x", b"1", if_equal=missing.stamp.generation).result()
+    assert first.generation and not store.write("x", b"2", if_equal=missing.stamp.generation).result().generation
+    assert store.write("x", b"3", if_equal=first.generation).result().generation
+    assert store.read("x").result().value == b"3"
+
+    out = subprocess.run([sys.executable, "-c", f"from etils import epath; print(epath.Path('{path}').read_text())"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "hello", out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_training_in_a_bucket_equals_local_and_resumes(lm_data, reference_run, gcs, tmp_path):
+    """The reference run (tests/conftest.py: 9 steps, checkpoints every 3, last 2 kept) with a gs:// workdir, stopped
+    after step 6 and resumed from its checkpoint there: every loss equals the local uninterrupted run's bit for bit;
+    the bucket holds checkpoints 6 and 9, metrics.jsonl and TensorBoard events; its step 9 restores onto the local
+    run's (same parameters, same spike-guard state)."""
+    workdir = f"{gcs}/run"
+    config = reference_config(lm_data)
+    config.train.stop_at = 6
+    first = loop.train(config, workdir)
+    assert first["resumed_from"] is None and first["end_step"] == 6
+    second = loop.train(reference_config(lm_data), workdir)
+    assert second["resumed_from"] == 6 and second["end_step"] == 9
+
+    run = epath.Path(workdir)
+    # metrics.jsonl, read from the bucket, checked with the helpers of local runs
+    (tmp_path / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
+    assert_invocations(tmp_path, [(0, False, 6), (6, True, 9)], reference_run["losses"])
+    assert_invocations(reference_run["workdir"], [(0, False, 9)], reference_run["losses"])  # and the local one's
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["6", "9"]
+    events = list((run / "tensorboard").iterdir())
+    assert len(events) == 2 and all(_tfrecords(e.read_bytes()) > 9 for e in events)  # one file per invocation
+
+    local_step, bucket_step = reference_run["workdir"] / "checkpoints" / "9", f"{workdir}/checkpoints/9"
+    assert load_loop_state(bucket_step)["guard"] == load_loop_state(local_step)["guard"]
+    cfg = reference_config(lm_data)
+    cfg.model.vocab_size = Tokenizer(Path(lm_data).parent / "spm.model").vocab_size
+    abstract = params_lib.abstract_on_mesh(ModelConfig.from_config(cfg.model, cfg.memory), None,
+                                           cfg.logical_axis_rules)
+    ours, theirs = load_params(bucket_step, abstract), load_params(local_step, abstract)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ours, theirs)
+
+
+def _tfrecords(data: bytes) -> int:
+    """How many records a TFRecord file (a TensorBoard event file) holds; AssertionError if one is cut or damaged."""
+    count, at = 0, 0
+    while at < len(data):
+        header = data[at:at + 8]
+        (length,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", data[at + 8:at + 12])[0] == masked_crc32c(header)
+        body = data[at + 12:at + 12 + length]
+        footer = data[at + 12 + length:at + 16 + length]
+        assert len(body) == length and struct.unpack("<I", footer)[0] == masked_crc32c(body)
+        count, at = count + 1, at + 16 + length
+    return count
+
+
+def _bank_files(root: epath.Path) -> dict[str, str]:
+    """sha256 of every file or object under a bank, the group's creation time taken out of zarr.json."""
+    out = {}
+    for path in _files(root):
+        data = path.read_bytes()
+        key = str(path)[len(str(root)) + 1:]
+        if key == "zarr.json":
+            group = json.loads(data)
+            del group["attributes"]["m3jax_bank"]["created"]
+            data = json.dumps(group, sort_keys=True).encode()
+        out[key] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def _files(directory: epath.Path):
+    """Every file under `directory` (epath's walk() drops the gs:// of the directories it yields)."""
+    for path in directory.iterdir():
+        yield from _files(path) if path.is_dir() else [path]
+
+
+@pytest.mark.slow
+def test_bank_in_a_bucket_equals_the_local_one(lm_data, gcs, tmp_path):
+    """The same references written by the same parameters to a local bank and to a gs:// one: the same objects
+    and files (sha256), and the same rows read back."""
+    import lm_test_config
+
+    tokenizer = Tokenizer(Path(lm_data).parent / "spm.model")
+    kb = tmp_path / "kb.jsonl"
+    kb.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in embedded_corpus()[:3]))
+    config = lm_test_config.get_config()
+    config.model.vocab_size = tokenizer.vocab_size
+    cfg = ModelConfig.from_config(config.model, config.memory)
+    refs = knowledge.load_references(str(kb), tokenizer, config.memory.ref_len)
+    sink = knowledge.sink_tokens(tokenizer, config.memory.sink_text)
+    params = params_lib.init_params(cfg, seed=0)
+
+    def write(path):
+        bank, writable = writer.open_for_writing(
+            path, refs, architecture=bank_lib.architecture(cfg), tokenizer_sha256=tokenizer.sha256,
+            checkpoint={"run_id": "fresh", "step": 0}, sink=sink, codec="bf16", refs_per_shard=8,
+            record=writer.writer_record(refs, 1, cfg.dtype))
+        assert writable
+        writer.write_references(bank, params, cfg, refs, sink, batch_size=8)
+        return MemoryBank.open(path, expect_architecture=bank_lib.architecture(cfg), expect_tokenizer=tokenizer.sha256,
+                               expect_checkpoint={"run_id": "fresh", "step": 0}, expect_sink_tokens=sink)
+
+    local, bucket = write(str(tmp_path / "bank")), write(f"{gcs}/bank")
+    assert bucket.unwritten_ranges() == [] and len(bucket.verify()) == 0
+    ids = np.arange(local.num_refs)
+    (codes, positions), (bucket_codes, bucket_positions) = local.gather_codes(ids), bucket.gather_codes(ids)
+    assert codes.keys() == bucket_codes.keys()
+    for name in codes:
+        np.testing.assert_array_equal(codes[name].view(np.uint8), bucket_codes[name].view(np.uint8))
+    np.testing.assert_array_equal(positions, bucket_positions)
+    np.testing.assert_array_equal(local.read_tokens(ids), bucket.read_tokens(ids))
+    files = _bank_files(epath.Path(tmp_path / "bank"))
+    assert {"zarr.json", "writer.json", "memory/c/0/0/0/0/0/0"} <= files.keys()
+    assert _bank_files(epath.Path(f"{gcs}/bank")) == files
