@@ -136,14 +136,18 @@ def resolve_step_dir(path: str | os.PathLike) -> epath.Path:
     """A run's workdir or checkpoint directory (-> its latest step), or one step directory -> that step's directory."""
     path = paths.absolute(path)
     if (path / "state").exists():
+        if not ocp.path.step.is_path_finalized(path):
+            raise CheckpointError(f"{path} is an unfinished checkpoint (its save was interrupted: in a bucket, "
+                                  "Orbax's commit_success.txt is missing)")
         return path
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
-    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").exists())
+    steps = sorted(int(p.name) for p in path.iterdir()
+                   if p.name.isdigit() and (p / "state").exists() and ocp.path.step.is_path_finalized(p))
     if not steps:
-        raise CheckpointError(f"{path} holds no checkpoint (no <step>/state directory)")
+        raise CheckpointError(f"{path} holds no checkpoint (no finished <step>/state directory)")
     return path / str(steps[-1])
 
 

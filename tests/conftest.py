@@ -19,7 +19,10 @@ if _jax_cache:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))  # bytes; least recently used go first
 
+import hashlib  # noqa: E402
 import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -132,9 +135,6 @@ def cli_env(root, devices=2):
 
 def run_tool(root, tool, *args, timeout=600):
     """tools/<tool>.py with `args`, from the repository root; returns the CompletedProcess."""
-    import subprocess
-    import sys
-
     return subprocess.run([sys.executable, f"tools/{tool}.py", *args], cwd=REPO, env=cli_env(root),
                           capture_output=True, text=True, timeout=timeout)
 
@@ -175,8 +175,6 @@ _entity_run: dict = {}
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: only the tests that will run count
 def pytest_collection_modifyitems(session, config, items):
     """Starts the entity run in the background if a selected test uses it, and moves those tests to the end."""
-    import subprocess
-    import sys
     import tempfile
 
     users = [item for item in items if "entity_run" in getattr(item, "fixturenames", ())]
@@ -222,6 +220,16 @@ def entity_run():
 REFERENCE = {"train.num_steps": 9, "train.checkpoint_every": 3, "train.keep_checkpoints": 2, "train.log_every": 1,
              "train.eval_every": 0, "mesh.fsdp": 2}
 REFERENCE_FLAGS = tuple(f"--config.{key}={value}" for key, value in REFERENCE.items())  # for trainer processes
+
+
+def train_cli(workdir, data_dir: str, *overrides: str, fault: str = "") -> subprocess.Popen:
+    """`python -m m3jax.train` of tests/lm_test_config.py on 8 CPU devices (the reference run's program), with
+    `fault` as M3JAX_FAULT (m3jax/faults.py)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "M3JAX_FAULT": fault}
+    cmd = [sys.executable, "-m", "m3jax.train", "--config=tests/lm_test_config.py", f"--workdir={workdir}",
+           f"--config.data.path={data_dir}", "--verbosity=-1", *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def reference_config(data_dir):
@@ -290,3 +298,26 @@ def assert_invocations(workdir, expected, reference_losses=None, rtol=0.0) -> No
             np.testing.assert_allclose(losses, reference, rtol=rtol, err_msg=f"invocation from step {r['start']}")
         else:
             assert losses == reference, f"invocation from step {r['start']}: losses {losses} != {reference}"
+
+
+def tree_files(directory):
+    """Every file under an epath directory, local or gs:// (epath's walk() drops the gs:// of what it yields)."""
+    for path in directory.iterdir():
+        yield from tree_files(path) if path.is_dir() else [path]
+
+
+def bank_files(root) -> dict[str, str]:
+    """sha256 of every file or object under a memory bank (a local directory or a gs:// prefix), the group's
+    creation time taken out of zarr.json: two banks of the same references and parameters compare equal."""
+    from etils import epath
+
+    root, out = epath.Path(root), {}
+    for path in tree_files(root):
+        data = path.read_bytes()
+        key = str(path)[len(str(root)) + 1:]
+        if key == "zarr.json":
+            group = json.loads(data)
+            del group["attributes"]["m3jax_bank"]["created"]
+            data = json.dumps(group, sort_keys=True).encode()
+        out[key] = hashlib.sha256(data).hexdigest()
+    return out

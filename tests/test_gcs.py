@@ -4,22 +4,31 @@ Each writes through the libraries' own gs:// layers (TensorStore's gcs kvstore, 
 both), never through a local copy, and must give what the same job gives on local disk, bit for bit.
 """
 
-import hashlib
 import json
+import signal
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import jax
 import numpy as np
 import pytest
 import tensorstore as ts
-from conftest import assert_invocations, reference_config
+from conftest import (
+    REFERENCE_FLAGS,
+    assert_invocations,
+    bank_files,
+    guard_state,
+    reference_config,
+    train_cli,
+    tree_files,
+)
 from etils import epath
 from tensorboardX.record_writer import masked_crc32c
 
-from m3jax.checkpoint import load_loop_state, load_params
+from m3jax.checkpoint import CheckpointError, load_config, load_loop_state, load_params, resolve_step_dir
 from m3jax.data.corpus import embedded_corpus
 from m3jax.data.tokenizer import Tokenizer
 from m3jax.memory import bank as bank_lib
@@ -110,26 +119,6 @@ def _tfrecords(data: bytes) -> int:
     return count
 
 
-def _bank_files(root: epath.Path) -> dict[str, str]:
-    """sha256 of every file or object under a bank, the group's creation time taken out of zarr.json."""
-    out = {}
-    for path in _files(root):
-        data = path.read_bytes()
-        key = str(path)[len(str(root)) + 1:]
-        if key == "zarr.json":
-            group = json.loads(data)
-            del group["attributes"]["m3jax_bank"]["created"]
-            data = json.dumps(group, sort_keys=True).encode()
-        out[key] = hashlib.sha256(data).hexdigest()
-    return out
-
-
-def _files(directory: epath.Path):
-    """Every file under `directory` (epath's walk() drops the gs:// of the directories it yields)."""
-    for path in directory.iterdir():
-        yield from _files(path) if path.is_dir() else [path]
-
-
 @pytest.mark.slow
 def test_bank_in_a_bucket_equals_the_local_one(lm_data, gcs, tmp_path):
     """The same references written by the same parameters to a local bank and to a gs:// one: the same objects
@@ -165,6 +154,47 @@ def test_bank_in_a_bucket_equals_the_local_one(lm_data, gcs, tmp_path):
         np.testing.assert_array_equal(codes[name].view(np.uint8), bucket_codes[name].view(np.uint8))
     np.testing.assert_array_equal(positions, bucket_positions)
     np.testing.assert_array_equal(local.read_tokens(ids), bucket.read_tokens(ids))
-    files = _bank_files(epath.Path(tmp_path / "bank"))
+    files = bank_files(epath.Path(tmp_path / "bank"))
     assert {"zarr.json", "writer.json", "memory/c/0/0/0/0/0/0"} <= files.keys()
-    assert _bank_files(epath.Path(f"{gcs}/bank")) == files
+    assert bank_files(epath.Path(f"{gcs}/bank")) == files
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_save_in_a_bucket_resumes_exactly(lm_data, reference_run, gcs, tmp_path):
+    """The trainer CLI with a gs:// workdir, SIGKILLed while Orbax writes step 6's checkpoint to the bucket: step 3
+    stays the last committed one (step 6 has objects there but no commit marker, and is not taken for a
+    checkpoint); rerun, the trainer resumes from step 3, every loss equals the uninterrupted local run's bit for
+    bit, and step 6 is written again whole."""
+    run = epath.Path(f"{gcs}/run")
+    killed = train_cli(run, lm_data, *REFERENCE_FLAGS, fault="kill_after_save_begins:6")
+    _, err = killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL, err[-3000:]
+    assert _listing(run / "checkpoints") == ["3", "6"]
+    assert (run / "checkpoints/3/commit_success.txt").exists()
+    assert not (run / "checkpoints/6/commit_success.txt").exists()
+
+    resumed = train_cli(run, lm_data, *REFERENCE_FLAGS)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    # The killed run's metrics lines were still in memory (a bucket's metrics.jsonl is rewritten whole every 30 s
+    # and at exit): the file holds the resumed invocation's, which equal the reference run's.
+    (tmp_path / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
+    assert_invocations(tmp_path, [(3, True, 9)], reference_run["losses"])
+    assert _listing(run / "checkpoints") == ["6", "9"]
+    assert all((run / f"checkpoints/{step}/commit_success.txt").exists() for step in (6, 9))
+    assert load_loop_state(run / "checkpoints/9")["guard"] == guard_state(reference_run["workdir"], 9)
+
+    # A step whose objects are all there but the commit marker is neither the run's latest nor loadable by path.
+    for path in tree_files(run / "checkpoints/9"):
+        if str(path) != str(run / "checkpoints/9/commit_success.txt"):
+            (run / "checkpoints/12" / str(path)[len(str(run / "checkpoints/9")) + 1:]).write_bytes(path.read_bytes())
+    assert str(resolve_step_dir(run)) == str(run / "checkpoints/9")
+    with pytest.raises(CheckpointError, match=r"checkpoints/12 is an unfinished checkpoint"):
+        load_config(run / "checkpoints/12")
+
+
+def _listing(directory: epath.Path) -> list[str]:
+    """The names in a bucket directory as the server has them now (gcsfs caches listings per process, and the
+    objects were written by other processes)."""
+    fsspec.filesystem("gcs", finalize_on_close=True).invalidate_cache()
+    return sorted(p.name for p in directory.iterdir())

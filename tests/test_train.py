@@ -12,22 +12,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import REFERENCE_FLAGS, REPO, assert_invocations, guard_state, lm_config, reference_config
+from conftest import REFERENCE_FLAGS, REPO, assert_invocations, guard_state, lm_config, reference_config, train_cli
 
 from m3jax.checkpoint import CheckpointError, load_params
 from m3jax.parallel import make_mesh
 from m3jax.train import loop
 from m3jax.train.step import Trainer
-
-
-def train_cli(workdir: Path, data_dir: str, *overrides: str, fault: str = "") -> subprocess.Popen:
-    """`python -m m3jax.train` of tests/lm_test_config.py on 8 CPU devices (the reference run's program), with
-    `fault` as M3JAX_FAULT (m3jax/faults.py)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "M3JAX_FAULT": fault}
-    cmd = [sys.executable, "-m", "m3jax.train", "--config=tests/lm_test_config.py", f"--workdir={workdir}",
-           f"--config.data.path={data_dir}", "--verbosity=-1", *overrides]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_held_out_loss_falls(lm_data, tmp_path, monkeypatch):

@@ -7,7 +7,6 @@ tested here. Every CLI run uses 2 CPU devices per process, so the 1-process and 
 per-device program.
 """
 
-import hashlib
 import json
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, cli_env
+from conftest import REPO, bank_files, cli_env
 
 from m3jax import parallel
 from m3jax.checkpoint import Checkpointer
@@ -29,6 +28,8 @@ from m3jax.memory.bank import BankMismatchError, MemoryBank, architecture
 from m3jax.memory.encode import encode_documents, encode_references
 from m3jax.model.config import ModelConfig
 from m3jax.model.params import init_params
+
+pytest_plugins = ("gcs_fixtures",)  # the `gcs` fixture: a gs:// base on a local GCS server
 
 NUM_DOCS = 20
 ARGS = ("--batch_size=8", "--refs_per_shard=8", "--log_every_s=0")
@@ -69,20 +70,6 @@ def env(kb):
 
 def run(kb, cmd):
     return subprocess.run(cmd, cwd=REPO, env=env(kb), capture_output=True, text=True, timeout=300)
-
-
-def bank_files(path) -> dict[str, str]:
-    """sha256 of every file under a bank, with the group's creation time taken out of zarr.json."""
-    out = {}
-    for f in sorted(Path(path).rglob("*")):
-        if f.is_file():
-            data = f.read_bytes()
-            if f.relative_to(path) == Path("zarr.json"):
-                group = json.loads(data)
-                del group["attributes"]["m3jax_bank"]["created"]
-                data = json.dumps(group, sort_keys=True).encode()
-            out[str(f.relative_to(path))] = hashlib.sha256(data).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +212,24 @@ def test_resume_after_sigkill_equals_uninterrupted(kb, reference_bank):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     n = MemoryBank.read_metadata(str(bank))["num_refs"]
     assert n > 3 * 8 and unwritten_ranges(kb, bank) == [(16, n)]
+
+    out = run(kb, cli(kb, bank))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"wrote {n - 16:,} refs of [0, {n})" in out.stdout, out.stdout
+    assert bank_files(bank) == bank_files(reference_bank)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_in_a_bucket(kb, reference_bank, gcs):
+    """The same kill and rerun with the bank in a gs:// bucket (TensorStore's gcs kvstore on a local GCS server):
+    the killed writer leaves exactly [0, 16) marked written, the rerun writes the rest, and the bank's objects
+    equal the local uninterrupted bank's files byte for byte."""
+    bank = f"{gcs}/bank"
+    killed = subprocess.run(cli(kb, bank), cwd=REPO, env={**env(kb), "M3JAX_FAULT": "kill_after_bank_write:2"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    n = MemoryBank.read_metadata(bank)["num_refs"]
+    assert unwritten_ranges(kb, bank) == [(16, n)]
 
     out = run(kb, cli(kb, bank))
     assert out.returncode == 0, out.stderr[-3000:]

@@ -18,6 +18,10 @@ import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
 
+from etils import epath
+
+from m3jax.paths import is_url
+
 # Directories of the standard library that hold tests, tools or third-party code rather than documentation.
 _SKIPPED_STDLIB_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
@@ -103,7 +107,7 @@ def read_text_files(paths: Iterable[str | os.PathLike]) -> list[Document]:
     docs = []
     for path in paths:
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            text = epath.Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read text file {os.fspath(path)}: {e}") from e
         docs.append(Document(os.fspath(path), text))
@@ -118,7 +122,7 @@ def read_jsonl(paths: Iterable[str | os.PathLike], text_key: str = "text") -> li
     for path in paths:
         path = os.fspath(path)
         try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
+            lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read JSONL file {path}: {e}") from e
         for line_no, line in enumerate(lines, start=1):
@@ -141,15 +145,27 @@ def read_jsonl(paths: Iterable[str | os.PathLike], text_key: str = "text") -> li
     return docs
 
 
+def _matches(pattern: str) -> list[str]:
+    """The files a path or glob names, sorted: local (`**` recursive), or objects in a bucket (`gs://b/dir/*.jsonl`)."""
+    if not is_url(pattern):
+        return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    parts = pattern.split("/")
+    first = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    base = epath.Path("/".join(parts[:first]))
+    found = base.glob("/".join(parts[first:])) if first < len(parts) else [base]
+    return sorted(str(p) for p in found if p.is_file())
+
+
 def load_corpus(spec: str) -> list[Document]:
-    """Loads "embedded", or comma-separated paths/globs: `*.jsonl` files as JSONL, other files as text."""
+    """Loads "embedded", or comma-separated paths/globs (local, or gs:// objects): `*.jsonl` files as JSONL, other
+    files as text."""
     if spec.strip() == "embedded":
         return embedded_corpus()
     paths: dict[str, None] = {}  # ordered and deduplicated
     for pattern in (p.strip() for p in spec.split(",")):
         if not pattern:
             continue
-        matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        matches = _matches(pattern)
         if not matches:
             raise FileNotFoundError(f"corpus path {pattern!r} matches no file")
         paths.update(dict.fromkeys(matches))

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from m3jax import paths
 from m3jax.data import records
 from m3jax.data.corpus import Document, load_corpus
 from m3jax.data.packing import LM_FIELDS, pack_documents
@@ -81,6 +82,7 @@ def prepare(
     """
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    records.local_data_dir(out_dir)  # before the work: the shards cannot go to a bucket
     docs = load_corpus(corpus_spec)
     tokenizer = Tokenizer(tokenizer_path)
     by_split: dict[str, list[Document]] = {name: [] for name in SPLITS}
@@ -113,7 +115,7 @@ def prepare(
         "bos_id": tokenizer.bos_id,
         "eos_id": tokenizer.eos_id,
         "pad_id": tokenizer.pad_id,
-        "tokenizer_path": os.path.abspath(tokenizer_path),
+        "tokenizer_path": str(paths.absolute(tokenizer_path)),
         "tokenizer_sha256": tokenizer.sha256,
         "corpus": corpus_spec,
         "corpus_sha256": corpus_sha256(docs),

@@ -15,6 +15,11 @@ record per group each record is its own chunk, whose header and data carry 64-bi
 read verifies (a flipped byte anywhere in a shard reads as an error or, in padding, not at all; tests/
 test_integrity.py flips them). Riegeli's error does not say which file; `split_source` names the shard, and the
 record, in a `DataShardError`. A damaged metadata.json is an error naming it.
+
+Buckets. A data directory is local: Grain's ArrayRecordDataSource and the ArrayRecord writer open shards by file
+path, through the operating system. On a pod whose data lives in a bucket, mount it on every host (Cloud Storage
+FUSE: `gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) and pass the mounted path, as JAX trainers reading ArrayRecord
+from Cloud Storage do. A `gs://` data path is a `DataLocationError` that says so.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from typing import Any
 import grain
 import numpy as np
 from array_record.python import array_record_module
+
+from m3jax.paths import is_url
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -125,7 +132,7 @@ def write_split(
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be positive, got {num_shards}")
-    out_dir = Path(out_dir)
+    out_dir = local_data_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / name for name in shard_names(split, num_shards)]
     tmp_paths = [path.with_name(path.name + ".tmp") for path in paths]
@@ -146,9 +153,23 @@ def write_split(
     return count
 
 
+class DataLocationError(ValueError):
+    """A data directory given as a URL: ArrayRecord shards are read and written by local path only."""
+
+
+def local_data_dir(data_dir: str | os.PathLike) -> Path:
+    """`data_dir` as a local Path; a URL (`gs://...`) is a `DataLocationError` saying how to reach a bucket."""
+    if is_url(data_dir):
+        raise DataLocationError(
+            f"data directory {os.fspath(data_dir)}: prepared data (ArrayRecord shards) is read and written by local "
+            "path only; mount the bucket on every host (`gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) and pass "
+            "the mounted directory")
+    return Path(data_dir)
+
+
 def write_metadata(data_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
     """Writes `{data_dir}/metadata.json` atomically."""
-    path = Path(data_dir, METADATA_FILE)
+    path = local_data_dir(data_dir) / METADATA_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -157,7 +178,7 @@ def write_metadata(data_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None
 
 def read_metadata(data_dir: str | os.PathLike) -> dict[str, Any]:
     """Reads and checks `{data_dir}/metadata.json`; errors name the directory or file at fault."""
-    data_dir = Path(data_dir)
+    data_dir = local_data_dir(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(
             f"data directory {data_dir} does not exist (prepare it with tools/prepare_data.py)"

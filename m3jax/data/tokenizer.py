@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+from etils import epath
 from sentencepiece import sentencepiece_model_pb2
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -172,9 +173,9 @@ class Tokenizer:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
-            model = Path(self.path).read_bytes()
+            model = epath.Path(self.path).read_bytes()  # a local file or a gs:// object
         except OSError as e:
-            raise FileNotFoundError(f"cannot read tokenizer model {self.path}: {e.strerror}") from e
+            raise FileNotFoundError(f"cannot read tokenizer model {self.path}: {e.strerror or e}") from e
         if not model:
             raise ValueError(f"{self.path} is empty, not a SentencePiece model")
         self._processor = spm.SentencePieceProcessor()
