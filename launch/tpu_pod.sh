@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU VM pod slice: TPU_NAME=... ZONE=... launch/tpu_pod.sh CONFIG --workdir=DIR [--config.key=value ...]
+# Train on a Cloud TPU VM pod slice:
+#   TPU_NAME=... ZONE=... [GCSFUSE=BUCKET:MOUNT] launch/tpu_pod.sh CONFIG --workdir=gs://BUCKET/runs/NAME \
+#     [--config.data.path=MOUNT/data] [--config.key=value ...]
 #
 # Packs this checkout (tracked files and untracked ones git does not ignore), copies it to every worker, unpacks it
 # into REMOTE_DIR, installs the pinned requirements there (requirements.txt + requirements-tpu.txt into
@@ -7,7 +9,14 @@
 # workers at once. Worker i is jax process i; the jax.distributed coordinator runs on worker 0 (its internal IP, as
 # `gcloud compute tpus tpu-vm describe` lists it). Each worker's output goes to LOG_DIR/worker_<i>.log (worker 0's is
 # also shown here). The launcher waits for every worker, prints its exit status and exits non-zero naming the
-# workers that failed. --workdir and --config.data.path must be directories that every worker shares.
+# workers that failed.
+#
+# Every worker must see the same workdir, bank and retrieval files: give them as gs:// URLs (checkpoints,
+# metrics, TensorBoard, banks, indexes and retrieved ids are read and written in the bucket itself) or as paths on a
+# file system all workers mount. Prepared data (ArrayRecord shards) is read by local path only: GCSFUSE mounts
+# buckets read-only on every worker with Cloud Storage FUSE before training (`gcsfuse --implicit-dirs -o ro`; gcsfuse
+# must be installed on the workers), and --config.data.path names the directory under the mount. A --workdir that is not a gs://
+# URL gets a warning (it must be a shared mount).
 # Stopping this script does not stop the workers; to stop them (they save a checkpoint on SIGTERM):
 #   gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command='pkill -TERM -f m3jax.train'
 #
@@ -18,6 +27,8 @@
 #   REMOTE_PYTHON=python3.11 the workers' interpreter that creates REMOTE_DIR/.venv
 #   LOG_DIR=runs/tpu_logs/<TPU_NAME>-<YYYYmmdd-HHMMSS>   where the worker logs are written, here
 #   COORDINATOR_PORT=8482    the jax.distributed coordinator's port on worker 0
+#   GCSFUSE                  BUCKET:MOUNT[,BUCKET:MOUNT...]: buckets to mount read-only on every worker (e.g.
+#                            my-data:/tmp/gcs/my-data; a mount point already mounted is left as it is)
 set -euo pipefail
 die() {
   echo "launch/tpu_pod.sh: $*" >&2
@@ -34,6 +45,18 @@ here=${BASH_SOURCE[0]%/*}
 if [[ $here == "${BASH_SOURCE[0]}" ]]; then here=.; fi
 cd "$here/.."
 config=$1; shift
+for arg in "$@"; do
+  if [[ $arg == --workdir=* && $arg != --workdir=gs://* ]]; then
+    echo "launch/tpu_pod.sh: warning: ${arg#--workdir=} is not a gs:// URL: every worker must see it (a shared mount)" >&2
+  fi
+done
+mounts=()
+if [[ -n ${GCSFUSE:-} ]]; then
+  IFS=, read -r -a mounts <<<"$GCSFUSE"
+  for m in "${mounts[@]}"; do
+    [[ ${m#gs://} =~ ^[^:/]+:/.+ ]] || die "GCSFUSE entry '$m' is not BUCKET:/MOUNT/POINT (a bucket and an absolute path)"
+  done
+fi
 
 gcloud_opts=(--zone="$ZONE")
 if [[ -n ${PROJECT:-} ]]; then gcloud_opts+=(--project="$PROJECT"); fi
@@ -59,7 +82,12 @@ remote_dir=${REMOTE_DIR:-m3jax}
 remote_dir=${remote_dir#\~/}
 q() { printf '%q' "$1"; }
 setup="set -e; mkdir -p $(q "$remote_dir"); tar -xzf $(q "$remote_pkg") -C $(q "$remote_dir")"
-setup+="; rm -f $(q "$remote_pkg"); cd $(q "$remote_dir")"
+setup+="; rm -f $(q "$remote_pkg")"
+for m in "${mounts[@]}"; do
+  m=${m#gs://} bucket=${m%%:*} mount=${m#*:}
+  setup+="; mkdir -p $(q "$mount"); mountpoint -q $(q "$mount") || gcsfuse --implicit-dirs -o ro $(q "$bucket") $(q "$mount")"
+done
+setup+="; cd $(q "$remote_dir")"
 setup+="; if [ ! -x .venv/bin/python ]; then $(q "${REMOTE_PYTHON:-python3.11}") -m venv .venv; fi"
 setup+="; .venv/bin/pip install --quiet -r requirements.txt -r requirements-tpu.txt"
 setup+="; .venv/bin/pip install --quiet --no-deps -e ."

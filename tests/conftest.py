@@ -157,61 +157,95 @@ def kb_retrieval(memory_kb):
             "retrieve_stdout": retrieved.stdout}
 
 
+# Jobs of minutes that a few tests check, run as background processes beside the rest of the suite (a test process
+# leaves much of the second core idle): each starts at collection when a selected test uses its fixture, and those
+# tests are moved to the end of the session, where the fixture joins the job.
+#
 # The continued-stage fixture model (test_continued, test_evaluate_tool): the entity experiment of
-# tools/bench/stage2_entities.py end to end at a size the suite affords, once per session. Fictional people with two
-# attributes (references of ~27 tokens), the warm-up on the embedded corpus alone, then the continued stage in the
-# default online mode with the encoding's gradient, every reference token kept (k = 32) in both layers, 600 steps.
+# tools/bench/stage2_entities.py end to end at a size the suite affords. Fictional people with two attributes
+# (references of ~27 tokens), the warm-up on the embedded corpus alone, then the continued stage in the default
+# online mode with the encoding's gradient, every reference token kept (k = 32) in both layers, 600 steps.
 # Held-out entities exist only in the knowledge base, so whatever the model answers right about them it read from
-# memory. It takes ~6 minutes of one process that is mostly idle waiting on small ops, so it starts in the
-# background when the collected tests need it, and the tests that use it run last.
+# memory. ~6 minutes of one process that is mostly idle waiting on small ops.
 ENTITY_RUN = ("--num_entities=400", "--num_attributes=2", "--mix_ratio=0.8", "--vocab_size=512",
               "--warmup_steps=100", "--stage2_steps=600", "--batch_size=16", "--seq_len=128", "--mode=online",
               "--encode_grad", "--k=32", "--memory_layers=all", "--peak_lr=3e-3", "--nocontrols", "--eval_entities=40",
               "--overrides=model.num_layers=2,model.hidden_size=128,model.num_heads=4,model.num_kv_heads=2,"
               "model.mlp_dim=256")
-_entity_run: dict = {}
+# The fit check of configs/memory3_2b.py compiled for a v5p-128 slice (test_aot): 2-3.5 minutes of the TPU compiler
+# (libtpu from .venv/tpu-extra), on one CPU device, as a user's dry run has it.
+TPU_FIT_2B = ("-m", "m3jax.train", "--config=configs/memory3_2b.py", "--dry_run", "--topology=v5p:4x4x4")
+BACKGROUND = {  # fixture name -> (CPU devices, the arguments after the interpreter, run from the repository root)
+    "entity_run": (2, lambda root: ("tools/bench/stage2_entities.py", f"--workdir={root / 'bench'}", *ENTITY_RUN)),
+    "memory3_2b_fit": (1, lambda root: TPU_FIT_2B),
+}
+_background: dict[str, dict] = {}
+
+
+def background_env(root, devices: int) -> dict[str, str]:
+    """A background job's environment: `devices` CPU devices, no TPU_LIBRARY_PATH (libtpu only from tpu-extra)."""
+    return {k: v for k, v in cli_env(root, devices).items() if k != "TPU_LIBRARY_PATH"}
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: only the tests that will run count
 def pytest_collection_modifyitems(session, config, items):
-    """Starts the entity run in the background if a selected test uses it, and moves those tests to the end."""
+    """Starts each BACKGROUND job that a selected test uses, and moves those tests to the end."""
     import tempfile
 
-    users = [item for item in items if "entity_run" in getattr(item, "fixturenames", ())]
-    if not users or _entity_run:
-        return
-    items[:] = [item for item in items if item not in users] + users
-    if config.option.collectonly:
-        return
-    root = Path(tempfile.mkdtemp(prefix="m3jax-entity-run-"))
-    log = open(root / "bench.log", "w")  # noqa: SIM115 (the process writes it until the fixture joins it)
-    proc = subprocess.Popen([sys.executable, "tools/bench/stage2_entities.py", f"--workdir={root / 'bench'}",
-                             *ENTITY_RUN], cwd=REPO, env=cli_env(root), stdout=log, stderr=subprocess.STDOUT)
-    _entity_run.update(root=root, proc=proc, log=log)
+    for name, (devices, args) in BACKGROUND.items():
+        users = [item for item in items if name in getattr(item, "fixturenames", ())]
+        if not users or name in _background:
+            continue
+        items[:] = [item for item in items if item not in users] + users
+        if config.option.collectonly:
+            continue
+        root = Path(tempfile.mkdtemp(prefix=f"m3jax-{name}-"))
+        out, err = open(root / "stdout", "w"), open(root / "stderr", "w")  # noqa: SIM115 (written until joined)
+        proc = subprocess.Popen([sys.executable, *args(root)], cwd=REPO, env=background_env(root, devices),
+                                stdout=out, stderr=err)
+        _background[name] = {"root": root, "proc": proc, "files": (out, err)}
 
 
 def pytest_sessionfinish(session, exitstatus):
     import shutil
 
-    if _entity_run:
-        if _entity_run["proc"].poll() is None:
-            _entity_run["proc"].kill()
-            _entity_run["proc"].wait()
-        _entity_run["log"].close()
-        shutil.rmtree(_entity_run["root"], ignore_errors=True)
+    for job in _background.values():
+        if job["proc"].poll() is None:
+            job["proc"].kill()
+            job["proc"].wait()
+        for f in job["files"]:
+            f.close()
+        shutil.rmtree(job["root"], ignore_errors=True)
+
+
+def join_background(name: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Waits for BACKGROUND job `name`: its exit status, stdout and stderr (and `root`, its directory)."""
+    assert name in _background, f"the {name} job starts at collection (pytest_collection_modifyitems)"
+    job = _background[name]
+    rc = job["proc"].wait(timeout=timeout)
+    for f in job["files"]:
+        f.flush()
+    done = subprocess.CompletedProcess(job["proc"].args, rc, (job["root"] / "stdout").read_text(),
+                                       (job["root"] / "stderr").read_text())
+    done.root = job["root"]
+    return done
 
 
 @pytest.fixture(scope="session")
 def entity_run():
     """ENTITY_RUN's workdir (entities/, tokenizer/, warmup/, bank/ with its index, stage2_memory/ and the bank its
     final checkpoint wrote, bank_stage2_memory/), its results.json and printed table."""
-    assert _entity_run, "the entity run starts at collection (pytest_collection_modifyitems)"
-    rc = _entity_run["proc"].wait(timeout=1800)
-    _entity_run["log"].flush()
-    printed = (_entity_run["root"] / "bench.log").read_text()
-    assert rc == 0, f"tools/bench/stage2_entities.py failed (exit {rc}):\n{printed[-3000:]}"
-    workdir = _entity_run["root"] / "bench"
-    return {"workdir": workdir, "results": json.loads((workdir / "results.json").read_text()), "stdout": printed}
+    done = join_background("entity_run")
+    assert done.returncode == 0, (f"tools/bench/stage2_entities.py failed (exit {done.returncode}):\n"
+                                  f"{done.stdout[-1500:]}\n{done.stderr[-1500:]}")
+    workdir = done.root / "bench"
+    return {"workdir": workdir, "results": json.loads((workdir / "results.json").read_text()), "stdout": done.stdout}
+
+
+@pytest.fixture(scope="session")
+def memory3_2b_fit() -> subprocess.CompletedProcess:
+    """The TPU_FIT_2B dry run, finished: its exit status, its JSON report (stdout) and stderr."""
+    return join_background("memory3_2b_fit")
 
 
 # Resume, preemption and fault tests (test_train, test_ops, test_multiprocess, test_launch): the settings shared by

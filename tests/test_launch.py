@@ -172,7 +172,8 @@ elif "ssh" in args:
         print("worker crashed", file=sys.stderr)
         sys.exit(1)
 """
-TPU_ARGS = ["configs/warmup.py", "--workdir=/mnt/shared/run", "--config.run_name=it's a run"]
+TPU_ARGS = ["configs/warmup.py", "--workdir=gs://bucket/runs/run", "--config.data.path=/tmp/gcs/data/prepared",
+            "--config.run_name=it's a run"]
 
 
 def run_tpu_pod(tmp_path: Path, args=TPU_ARGS, path: str | None = None, **env):
@@ -195,8 +196,10 @@ def argv_of(command: str) -> list[str]:
 @pytest.mark.parametrize("config", ["configs/warmup.py", "configs/continued.py"])
 def test_tpu_pod_copies_installs_and_starts_every_worker(tmp_path, config):
     args = [config, *TPU_ARGS[1:]]
-    r = run_tpu_pod(tmp_path, args, TPU_NAME="pod", ZONE="us-central2-b", PROJECT="proj")
+    r = run_tpu_pod(tmp_path, args, TPU_NAME="pod", ZONE="us-central2-b", PROJECT="proj",
+                    GCSFUSE="gs://data:/tmp/gcs/data,more:/mnt/more")
     assert r.returncode == 0, r.stderr
+    assert "warning" not in r.stderr  # a gs:// workdir: every worker sees it
     calls = [c["args"] for c in read_calls(tmp_path / "calls.jsonl")]
     where = ["--zone=us-central2-b", "--project=proj"]
     assert calls[0][:4] == ["compute", "tpus", "tpu-vm", "describe"] and calls[0][4] == "pod"
@@ -215,6 +218,9 @@ def test_tpu_pod_copies_installs_and_starts_every_worker(tmp_path, config):
         command = next(a for a in c if a.startswith("--command="))[len("--command="):]
         assert "pip install --quiet -r requirements.txt -r requirements-tpu.txt" in command
         assert "pip install --quiet --no-deps -e ." in command
+        # The data bucket is mounted (read-only, once) before the trainer starts.
+        mount = "mkdir -p {1}; mountpoint -q {1} || gcsfuse --implicit-dirs -o ro {0} {1}; "
+        assert mount.format("data", "/tmp/gcs/data") + mount.format("more", "/mnt/more") + "cd m3jax;" in command
         assert f"python -m m3jax.train --config={config}" in command
         assert argv_of(command) == [
             ".venv/bin/python", "-m", "m3jax.train", f"--config={config}", *TPU_ARGS[1:],
@@ -229,6 +235,14 @@ def test_tpu_pod_names_the_failed_worker(tmp_path):
     assert f"FAILED: worker 2, log: {tmp_path}/logs/worker_2.log" in r.stderr
     assert "FAILED: worker 0" not in r.stderr and "FAILED: worker 3" not in r.stderr
     assert "worker crashed" in (tmp_path / "logs" / "worker_2.log").read_text()
+
+
+def test_tpu_pod_warns_of_a_local_workdir_and_refuses_a_bad_mount(tmp_path):
+    r = run_tpu_pod(tmp_path, ["configs/warmup.py", "--workdir=/mnt/run"], TPU_NAME="pod", ZONE="z")
+    assert r.returncode == 0, r.stderr
+    assert "warning: /mnt/run is not a gs:// URL: every worker must see it (a shared mount)" in r.stderr
+    r = run_tpu_pod(tmp_path, TPU_NAME="pod", ZONE="z", GCSFUSE="data:relative/dir")
+    assert r.returncode == 2 and "GCSFUSE entry 'data:relative/dir' is not BUCKET:/MOUNT/POINT" in r.stderr
 
 
 @pytest.mark.parametrize("missing", ["TPU_NAME", "ZONE", "gcloud"])
