@@ -30,6 +30,8 @@ from tensorboardX.record_writer import masked_crc32c
 
 from m3jax.checkpoint import CheckpointError, load_config, load_loop_state, load_params, resolve_step_dir
 from m3jax.data.corpus import embedded_corpus
+from m3jax.data.prepare import prepare
+from m3jax.data.records import DataLocationError, read_metadata
 from m3jax.data.tokenizer import Tokenizer
 from m3jax.memory import bank as bank_lib
 from m3jax.memory import knowledge, writer
@@ -76,11 +78,12 @@ def test_tensorstore_and_epath_round_trip(gcs):
 def test_training_in_a_bucket_equals_local_and_resumes(lm_data, reference_run, gcs, tmp_path):
     """The reference run (tests/conftest.py: 9 steps, checkpoints every 3, last 2 kept) with a gs:// workdir, stopped
     after step 6 and resumed from its checkpoint there: every loss equals the local uninterrupted run's bit for bit;
-    the bucket holds checkpoints 6 and 9, metrics.jsonl and TensorBoard events; its step 9 restores onto the local
-    run's (same parameters, same spike-guard state)."""
+    the bucket holds checkpoints 6 and 9, metrics.jsonl, TensorBoard events and the profile of step 2; its step 9
+    restores onto the local run's (same parameters, same spike-guard state)."""
     workdir = f"{gcs}/run"
     config = reference_config(lm_data)
     config.train.stop_at = 6
+    config.train.update(profile_start=2, profile_steps=1)  # traced locally, uploaded when the trace stops
     first = loop.train(config, workdir)
     assert first["resumed_from"] is None and first["end_step"] == 6
     second = loop.train(reference_config(lm_data), workdir)
@@ -92,6 +95,7 @@ def test_training_in_a_bucket_equals_local_and_resumes(lm_data, reference_run, g
     assert_invocations(tmp_path, [(0, False, 6), (6, True, 9)], reference_run["losses"])
     assert_invocations(reference_run["workdir"], [(0, False, 9)], reference_run["losses"])  # and the local one's
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["6", "9"]
+    assert any(p.name.endswith(".xplane.pb") and p.stat().length > 0 for p in tree_files(run / "profile"))
     events = list((run / "tensorboard").iterdir())
     assert len(events) == 2 and all(_tfrecords(e.read_bytes()) > 9 for e in events)  # one file per invocation
 
@@ -198,3 +202,35 @@ def _listing(directory: epath.Path) -> list[str]:
     objects were written by other processes)."""
     fsspec.filesystem("gcs", finalize_on_close=True).invalidate_cache()
     return sorted(p.name for p in directory.iterdir())
+
+
+def test_data_from_a_bucket_prepares_as_from_disk_and_shards_stay_local(lm_data, gcs, tmp_path):
+    """A corpus (JSONL objects, by glob) and a tokenizer model in a bucket prepare the same records as the local
+    files; a data directory in a bucket (ArrayRecord shards are opened by file path) is refused before any work,
+    by an error that names it and says to mount the bucket."""
+    tokenizer = Path(lm_data).parent / "spm.model"
+    docs = embedded_corpus()[:12]
+    for part in range(2):
+        text = "".join(json.dumps({"text": d.text, "id": f"doc:{i}"}) + "\n" for i, d in enumerate(docs)
+                       if i % 2 == part)
+        (tmp_path / f"kb-{part}.jsonl").write_text(text)
+        (epath.Path(gcs) / "corpus" / f"kb-{part}.jsonl").write_text(text)
+    (epath.Path(gcs) / "spm.model").write_bytes(tokenizer.read_bytes())
+
+    local = prepare(str(tmp_path / "kb-*.jsonl"), str(tokenizer), tmp_path / "local", seq_len=128,
+                    heldout_fraction=0.2, num_shards=1)
+    bucket = prepare(f"{gcs}/corpus/kb-*.jsonl", f"{gcs}/spm.model", tmp_path / "bucket", seq_len=128,
+                     heldout_fraction=0.2, num_shards=1)
+    assert bucket["tokenizer_path"] == f"{gcs}/spm.model" and bucket["corpus"] == f"{gcs}/corpus/kb-*.jsonl"
+    ignored = ("tokenizer_path", "corpus")
+    assert {k: v for k, v in bucket.items() if k not in ignored} == {k: v for k, v in local.items() if k not in ignored}
+    for split in ("train", "heldout"):
+        (name,) = local["splits"][split]["shards"]
+        assert (tmp_path / "bucket" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+    for call in (lambda: prepare("embedded", str(tokenizer), f"{gcs}/data", seq_len=128, heldout_fraction=0.1,
+                                 num_shards=1),
+                 lambda: read_metadata(f"{gcs}/data")):
+        with pytest.raises(DataLocationError, match=rf"data directory {gcs}/data: .*gcsfuse"):
+            call()
+    assert not (epath.Path(gcs) / "data").exists()

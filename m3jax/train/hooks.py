@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
+
+from m3jax import paths
 
 
 @dataclasses.dataclass
@@ -114,6 +120,9 @@ def checkpoint_hook(every: int, save: Callable[[int, Any], None]) -> Hook:
 class Profiler:
     """A jax.profiler trace of steps [train.profile_start, + train.profile_steps) into WORKDIR/profile.
 
+    The profiler writes through the operating system only: for a bucket workdir it traces into a local temporary
+    directory, whose files are uploaded to WORKDIR/profile (same layout) when the trace stops.
+
     jax 0.10's profiler crashes in a process that loaded the TPU plugin on a host without TPUs. Training never
     loads it where libtpu came from `make venv-tpu` (kept outside the import path); a CPU host that pip-installed
     libtpu into its environment loads it in every process.
@@ -124,6 +133,7 @@ class Profiler:
         self.last = self.first + int(train_cfg.profile_steps) - 1
         self.enabled = self.first > 0 and (bool(train_cfg.profile_all_processes) or process_index == 0)
         self.directory = os.path.join(workdir, "profile")
+        self._local = None  # the local directory of a trace bound for a bucket
         self.active = False
 
     def hook(self) -> Hook:
@@ -132,7 +142,8 @@ class Profiler:
 
     def _on_step(self, info: StepInfo) -> None:
         if not self.active and info.step == self.first - 1:
-            jax.profiler.start_trace(self.directory)
+            self._local = tempfile.mkdtemp(prefix="m3jax-profile-") if paths.is_url(self.directory) else None
+            jax.profiler.start_trace(self._local or self.directory)
             self.active = True
         elif self.active and info.step >= self.last:
             self.stop(info.metrics)
@@ -142,4 +153,17 @@ class Profiler:
             jax.block_until_ready(outputs)
             jax.profiler.stop_trace()
             self.active = False
+            if self._local:
+                _upload_tree(self._local, paths.absolute(self.directory))
+                shutil.rmtree(self._local, ignore_errors=True)
             logging.info("profile of steps %d-%d written to %s", self.first, self.last, self.directory)
+
+
+def _upload_tree(local: str, target: epath.Path) -> None:
+    """Copies the files under the local directory `local` to `target` (a bucket prefix), keeping their layout."""
+    for directory, _, names in os.walk(local):
+        for name in names:
+            source = os.path.join(directory, name)
+            dest = target / os.path.relpath(source, local)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(Path(source).read_bytes())
