@@ -361,7 +361,7 @@ def resolve(c: ml_collections.ConfigDict, *, saved: dict | None = None, log=None
                              ("eval", "cloze"), ("eval", "cloze_index")):
             if c[section][key] and not paths.is_url(c[section][key]):
                 c[section][key] = os.path.abspath(c[section][key])
-    if c.eval.cloze and not os.path.isfile(c.eval.cloze):
+    if c.eval.cloze and not paths.absolute(c.eval.cloze).is_file():  # a local file or a gs:// object
         raise ConfigError(f"config.eval.cloze: no file {c.eval.cloze} (the cloze.jsonl of tools/make_entities.py)")
     meta = read_metadata(c.data.path)
     with c.unlocked():

@@ -10,14 +10,24 @@ range, which the emulator answers with the whole object, an error. Here, as on G
 honour `ifGenerationMatch` (0 = the object must not exist) with 412, reads honour `ifGenerationNotMatch` with 304
 and carry `x-goog-generation`, and `bytes=-N` is the object's last N bytes. The server handles one request at a
 time, so each check and its action are atomic.
+
+Faults, for tests of transient server errors (tests/test_gcs_faults.py; the `gcs_faults` fixture): `POST /_faults`
+with a rule as JSON, e.g. `{"status": 503, "count": 3, "methods": ["POST"], "match": "bank/written/", "drop":
+false}`, makes the next `count` requests that match it fail: with `status` (and a JSON error body, as GCS sends),
+or, with `drop`, by closing the connection without an answer. `methods` empty = any; `match` is a substring of the
+request's unquoted path and query (which name the object in the requests of TensorStore and gcsfs: reads, and
+uploads by `name=`). Rules apply in the order posted, each until its count is spent; `GET /_faults` lists them with
+how many requests each failed, `DELETE /_faults` removes them all.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 import sys
 from http import HTTPStatus
+from urllib.parse import unquote, urlsplit
 
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
@@ -86,10 +96,61 @@ def _read_or_delete(handler_fn, *, read: bool):
     return handler
 
 
+_RULE = {"status": 503, "count": 1, "methods": [], "match": "", "drop": False}
+_faults: list[dict] = []  # the rules posted, each with "failed": how many requests it failed so far
+
+
+def _reply(handler, status: int, body: dict | list) -> None:
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def _control(handler, method: str) -> None:
+    """`/_faults`: POST adds a rule, DELETE removes them all; every answer lists the rules."""
+    if method == "POST":
+        rule = json.loads(server._read_raw_data(handler) or b"{}")
+        if not isinstance(rule, dict) or set(rule) - set(_RULE):
+            return _reply(handler, 400, {"error": {"code": 400, "message": f"a rule has keys {sorted(_RULE)}"}})
+        _faults.append({**_RULE, **rule, "failed": 0})
+    elif method == "DELETE":
+        _faults.clear()
+    _reply(handler, 200, _faults)
+
+
+def _faulty(handle):
+    @functools.wraps(handle)
+    def router_handle(router, method):
+        handler = router._request_handler
+        if urlsplit(handler.path).path == "/_faults":
+            return _control(handler, method)
+        target = unquote(handler.path)
+        rule = next((r for r in _faults if r["count"] > 0 and (not r["methods"] or method in r["methods"])
+                     and r["match"] in target), None)
+        if rule is None:
+            return handle(router, method)
+        rule["count"] -= 1
+        rule["failed"] += 1
+        server._read_raw_data(handler)  # the request's body: a client still sending it would miss the answer
+        if rule["drop"]:
+            handler.close_connection = True  # the server closes it without an answer
+            return None
+        return _reply(handler, rule["status"], {"error": {"code": rule["status"], "message": "injected fault"}})
+
+    return router_handle
+
+
 # Before the server module builds its routing table from these functions (`get` calls `download` by name).
 objects.insert = _insert(objects.insert)
 objects.download = _read_or_delete(objects.download, read=True)
 objects.delete = _read_or_delete(objects.delete, read=False)
+
+from gcp_storage_emulator import server  # noqa: E402 - it builds its routing table from the handlers patched above
+
+server.Router.handle = _faulty(server.Router.handle)
 
 if __name__ == "__main__":
     from gcp_storage_emulator.__main__ import main

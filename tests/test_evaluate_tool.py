@@ -10,11 +10,19 @@ import pytest
 from conftest import REPO, cli_env
 
 
+def start_evaluate(root, out, devices, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "tools/evaluate.py", f"--out={out}", *args], cwd=REPO,
+                            env=cli_env(root, devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_evaluate(proc: subprocess.Popen, out) -> tuple[dict, str]:
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(out.read_text()), stdout
+
+
 def evaluate(root, out, devices, *args):
-    proc = subprocess.run([sys.executable, "tools/evaluate.py", f"--out={out}", *args], cwd=REPO,
-                          env=cli_env(root, devices), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text()), proc.stdout
+    return finish_evaluate(start_evaluate(root, out, devices, *args), out)
 
 
 def numbers(tree, prefix=""):
@@ -43,8 +51,11 @@ def test_evaluation_reproduces_on_another_device_count(reference_run, memory_kb,
     common = [f"--checkpoint={reference_run['workdir']}", f"--bank={memory_kb['bank']}", "--bank_other_checkpoint",
               f"--index={kb_retrieval['index']}", f"--choices={choices}", f"--heldout_data={memory_kb['data']}",
               "--passages=6", "--question_tokens=32", "--answer_tokens=8", "--distractors=1", "--batch_size=4"]
-    one, printed = evaluate(memory_kb["root"], tmp_path / "one.json", 1, *common)
-    four, _ = evaluate(memory_kb["root"], tmp_path / "four.json", 4, *common, "--fsdp=4")
+    # Side by side: each process leaves much of the second core idle.
+    first = start_evaluate(memory_kb["root"], tmp_path / "one.json", 1, *common)
+    second = start_evaluate(memory_kb["root"], tmp_path / "four.json", 4, *common, "--fsdp=4")
+    (one, printed), (four, _) = (finish_evaluate(first, tmp_path / "one.json"),
+                                 finish_evaluate(second, tmp_path / "four.json"))
     assert (one["settings"]["devices"], four["settings"]["devices"]) == (1, 4)
     a, b = numbers(one), numbers(four)
     assert a.keys() == b.keys() and len(a) >= 12

@@ -14,6 +14,7 @@
   only the missing blocks and those whose references were written again with other tokens.
 - Several processes (jax.distributed: `--config.distributed.*`, SLURM, TPU pods) each embed their share of the
   blocks on their own devices; process 0 builds and saves the searcher.
+- `--bank` and `--index` may be `gs://` URLs (the default index, and the vectors beside it, are then in the bucket).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from m3jax import cli
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _BANK = flags.DEFINE_string("bank", None, "The memory bank: a directory or a TensorStore kvstore URL.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "The SentencePiece model that wrote the bank.")
-_INDEX = flags.DEFINE_string("index", "", "The index directory (default BANK/index).")
+_INDEX = flags.DEFINE_string("index", "", "The index directory or gs:// URL (default BANK/index).")
 _BLOCK_REFS = flags.DEFINE_integer("block_refs", 4096, "References per saved vector block.", lower_bound=1)
 _LOG_EVERY = flags.DEFINE_float("log_every_s", 10.0, "Seconds between progress lines (0: after every block).",
                                 lower_bound=0.0)

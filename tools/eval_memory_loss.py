@@ -12,6 +12,9 @@ sink kept (empty), or nothing (off: the plain model at positions 0…). See m3ja
 The model's architecture comes from `--config` (a vocab_size of -1 is taken from the checkpoint) and must equal
 the checkpoint's; the memory geometry is `config.memory`'s. A warm-up model was never trained
 to read memory: the numbers say what it does with memory, not what a Memory3 model would.
+
+The checkpoint, tokenizer, the data's corpus and `--json` may be `gs://` URLs; the data directory is local
+(m3jax/data/records.py says how to mount a bucket).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 
 import jax
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from m3jax import cli
@@ -123,10 +127,9 @@ def main(argv):
     print(f"\n{setup['seconds']:.0f} s on {jax.devices()[0].device_kind}")
     if _JSON.value:
         per_passage = {name: (v / nll["tokens"]).tolist() for name, v in nll.items() if name != "tokens"}
-        with open(_JSON.value, "w") as f:
-            json.dump({"setup": setup, "summary": summary, "codec_effects": codec_effects,
-                       "doc_ids": list(passages.doc_ids), "tokens": passages.lengths.tolist(),
-                       "passage_loss": per_passage}, f, indent=1)
+        epath.Path(_JSON.value).write_text(json.dumps(
+            {"setup": setup, "summary": summary, "codec_effects": codec_effects, "doc_ids": list(passages.doc_ids),
+             "tokens": passages.lengths.tolist(), "passage_loss": per_passage}, indent=1))
 
 
 if __name__ == "__main__":

@@ -15,15 +15,18 @@ The model, memory geometry and retrieval settings are the checkpoint's saved con
 onto every local device (`--fsdp` of them shard the parameters, the rest replicate), so a job evaluates whatever
 devices it has. The bank must have been written by this checkpoint (`--bank_other_checkpoint` reads another's).
 Writes --out (JSON: settings, per suite and mode the numbers) and prints a table.
+
+The checkpoint, bank, index, tokenizer, entities directory, choices file and --out may be `gs://` URLs; prepared
+data (--heldout_data) is local (m3jax/data/records.py says how to mount a bucket).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from absl import app, flags
+from etils import epath
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A run's workdir, its checkpoint directory or one step.",
                                   required=True)
@@ -76,7 +79,7 @@ def heldout_text(data_dir: str, split: str):
 
 def read_jsonl(path: str) -> list[dict]:
     items = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(epath.Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
                 items.append(json.loads(line))
@@ -120,7 +123,8 @@ def main(argv):
         ev = evaluation.Evaluator(loaded.params, cfg, tokenizer, source, tuple(_MODES.value), slots, _BATCH.value)
         with mesh:
             if _ENTITIES.value:
-                items = entity_eval.read_items(str(Path(_ENTITIES.value) / "cloze.jsonl"), _ENTITY_ITEMS.value)
+                items = entity_eval.read_items(str(epath.Path(_ENTITIES.value) / "cloze.jsonl"),
+                                               _ENTITY_ITEMS.value)
                 own = np.full(len(items), -1, np.int64)
                 if source is not None:
                     texts = [tokenizer.decode([t for t in row if t >= 0])
@@ -146,7 +150,7 @@ def main(argv):
     results["settings"] = {"checkpoint": str(loaded.step_dir), "bank": _BANK.value, "modes": _MODES.value,
                            "slots": slots, "devices": len(devices), "fsdp": _FSDP.value,
                            "eval_max_overlap": float(saved.retrieval.eval_max_overlap)}
-    Path(_OUT.value).write_text(json.dumps(results, indent=1) + "\n")
+    epath.Path(_OUT.value).write_text(json.dumps(results, indent=1) + "\n")
     print(render(results))
     print(f"wrote {_OUT.value}")
 

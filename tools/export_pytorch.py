@@ -8,6 +8,9 @@ token ids come from the run's data directory when it is readable, unless given a
 A model with memory heads also gets `memory_config.json` (m3jax/export/memory_config.py): its memory layers and
 heads, chunk size, reference length, k and the sink's tokens (`<s>` + `config.memory.sink_text` in the run's
 tokenizer, or `--tokenizer`), which `m3jax.export.torch_memory.Memory3Llama` needs to read the bank in PyTorch.
+
+`--checkpoint`, `--tokenizer` and `--out` may be `gs://` URLs: the weights are then serialised in memory and
+uploaded as one object (m3jax/export/llama.py).
 """
 
 import sys
@@ -22,7 +25,7 @@ from m3jax.export.memory_config import write_memory_config
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A run's checkpoint directory or one step of it.",
                                   required=True)
-_OUT = flags.DEFINE_string("out", None, "Directory to write config.json and model.safetensors to.",
+_OUT = flags.DEFINE_string("out", None, "Directory or gs:// URL to write config.json and model.safetensors to.",
                            required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "dtype of the exported weights.")
 _BOS_ID = flags.DEFINE_integer("bos_id", None, "bos token id (default: from the run's data metadata).",
@@ -91,7 +94,7 @@ def main(argv: list[str]) -> None:
         else:
             paths.append(write_memory_config(_OUT.value, model_cfg, tokens))
     for path in paths:
-        print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+        print(f"wrote {path} ({path.stat().length:,} bytes)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ The model, its memory geometry and its retrieval settings are the checkpoint's s
 prompt's chunks and, while decoding, by the last 64 generated tokens, filtered against the question at
 `retrieval.eval_max_overlap` (m3jax/infer/generate.py). `--prompts_file`: one prompt per line, or JSONL with a
 "prompt" field. `--show_references` prints, for each row, the ids and text of the references each chunk read.
+The checkpoint, bank, index, tokenizer and prompts file may be `gs://` URLs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import sys
 
 from absl import app, flags
+from etils import epath
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A run's workdir, its checkpoint directory or one step.",
                                   required=True)
@@ -40,18 +42,16 @@ _SHOW_REFS = flags.DEFINE_bool("show_references", False, "Print the references e
 def read_prompts() -> list[str]:
     prompts = list(_PROMPT.value)
     if _PROMPTS_FILE.value:
-        with open(_PROMPTS_FILE.value) as f:
-            for n, line in enumerate(f, 1):
-                line = line.rstrip("\n")
-                if not line.strip():
-                    continue
-                if line.lstrip().startswith("{"):
-                    try:
-                        prompts.append(str(json.loads(line)["prompt"]))
-                    except (ValueError, KeyError) as e:
-                        raise ValueError(f"{_PROMPTS_FILE.value}:{n}: not a JSON object with a 'prompt': {e}") from e
-                else:
-                    prompts.append(line)
+        for n, line in enumerate(epath.Path(_PROMPTS_FILE.value).read_text(encoding="utf-8").split("\n"), 1):
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    prompts.append(str(json.loads(line)["prompt"]))
+                except (ValueError, KeyError) as e:
+                    raise ValueError(f"{_PROMPTS_FILE.value}:{n}: not a JSON object with a 'prompt': {e}") from e
+            else:
+                prompts.append(line)
     if not prompts:
         raise ValueError("no prompts: give --prompt or --prompts_file")
     return prompts

@@ -11,10 +11,11 @@
   config), the vocabulary padding, the optimiser — comes from `--config` and its overrides. An override of an
   architecture key that disagrees with config.json is refused. `--dtype` sets the compute dtype
   (`config.model.dtype`; default: the config file's); parameters are float32 either way.
-- `--out`: a new checkpoint directory. Step 0 is written with the run layout of m3jax/checkpoint.py (parameters
-  only, the config beside them, a fresh run id), so `--config.init_from=OUT` starts a run from it,
-  `tools/write_memory.py --checkpoint=OUT` writes its bank and `tools/export_pytorch.py --checkpoint=OUT` exports
-  it again. The printed `--config.model.*` flags describe the model to those jobs.
+- `--out`: a new checkpoint directory, local or a `gs://` URL. Step 0 is written with the run layout of
+  m3jax/checkpoint.py (parameters only, the config beside them, a fresh run id), so `--config.init_from=OUT`
+  starts a run from it, `tools/write_memory.py --checkpoint=OUT` writes its bank and
+  `tools/export_pytorch.py --checkpoint=OUT` exports it again. The printed `--config.model.*` flags describe the
+  model to those jobs.
 - `--tokenizer`: the SentencePiece model whose ids the model's vocabulary uses (the one that prepares the data).
   It is recorded as the checkpoint's tokenizer, which tools/write_memory.py checks; without it, a bank cannot be
   written from the checkpoint.
@@ -23,7 +24,8 @@
 
 A directory that is incomplete or holds a model the m3jax model cannot express (another architecture, biases, RoPE
 scaling, sliding windows, tied embeddings, inconsistent sizes, ...) exits non-zero with `import_hf: FILE: what`,
-naming the config.json key or the tensor; nothing is written.
+naming the config.json key or the tensor; nothing is written. `--hf` must be local (safetensors opens its files by
+local path: a `gs://` URL is refused, saying so); `--tokenizer` may be a `gs://` object.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", str(_REPO / "configs" / "war
                                           "Config file of everything but the architecture (configs/*.py).",
                                           lock_config=True)
 _HF = flags.DEFINE_string("hf", None, "A Hugging Face LlamaForCausalLM directory (config.json + safetensors).")
-_OUT = flags.DEFINE_string("out", None, "The checkpoint directory to write (new or empty).")
+_OUT = flags.DEFINE_string("out", None, "The checkpoint directory or gs:// URL to write (new or empty).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "The SentencePiece model of the model's vocabulary (recorded as "
                                  "the checkpoint's tokenizer).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (config.model.dtype); default: "
@@ -64,12 +66,13 @@ def check_overrides(model: dict) -> None:
 
 def main(argv):
     cli.start(argv)
+    from m3jax import paths
     from m3jax.config import validate
     from m3jax.data.tokenizer import Tokenizer
     from m3jax.export.llama import load_hf_llama
 
     config = _CONFIG.value
-    out = Path(_OUT.value).absolute()
+    out = paths.absolute(_OUT.value)
     try:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"--out={out} exists and is not an empty directory; give a new one")
@@ -84,7 +87,7 @@ def main(argv):
             if tokenizer.vocab_size > model["vocab_size"]:
                 raise ValueError(f"--tokenizer={tokenizer.path} has {tokenizer.vocab_size} ids, more than the "
                                  f"vocabulary of {_HF.value}/config.json (vocab_size {model['vocab_size']})")
-            config.data.tokenizer = os.path.abspath(tokenizer.path)
+            config.data.tokenizer = str(paths.absolute(tokenizer.path))
         validate(config)
     except (ValueError, FileNotFoundError) as e:  # HFCheckpointError and ConfigError are ValueErrors
         sys.exit(f"import_hf: {e}")

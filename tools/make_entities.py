@@ -17,7 +17,7 @@ from absl import app, flags
 from m3jax.data import entities
 from m3jax.data.corpus import load_corpus
 
-_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output directory (local, or a gs:// URL).", required=True)
 _NUM_ENTITIES = flags.DEFINE_integer("num_entities", 1000, "Fictional people generated.", lower_bound=2)
 _HELDOUT_FRACTION = flags.DEFINE_float("heldout_fraction", 0.2,
                                        "Fraction of the entities held out: in the knowledge base only.")

@@ -3,10 +3,11 @@
     python tools/prepare_data.py --tokenizer=runs/demo/tokenizer/spm.model --out=runs/demo/data
 
 metadata.json names the corpus and records the digest of its texts (`corpus_sha256`): tools/retrieve.py filters by
-provenance only with a bank written from that very corpus.
+provenance only with a bank written from that very corpus. The corpus and tokenizer may be `gs://` URLs; the output
+directory is local (m3jax/data/records.py says how to mount a bucket).
 """
 
-
+import sys
 
 from absl import app, flags
 
@@ -26,15 +27,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "Salt of the document -> split hash.")
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    meta = prepare(
-        _CORPUS.value,
-        _TOKENIZER.value,
-        _OUT.value,
-        seq_len=_SEQ_LEN.value,
-        heldout_fraction=_HELDOUT_FRACTION.value,
-        num_shards=_NUM_SHARDS.value,
-        seed=_SEED.value,
-    )
+    try:
+        meta = prepare(_CORPUS.value, _TOKENIZER.value, _OUT.value, seq_len=_SEQ_LEN.value,
+                       heldout_fraction=_HELDOUT_FRACTION.value, num_shards=_NUM_SHARDS.value, seed=_SEED.value)
+    except (OSError, ValueError) as e:  # an unreadable corpus or tokenizer, a bucket output (DataLocationError)
+        sys.exit(f"prepare_data: {e}")
     for name, split in meta["splits"].items():
         print(
             f"{name}: {split['num_documents']} documents -> {split['num_records']} records of "

@@ -14,7 +14,8 @@ neighbours are searched, the leaking ones dropped, and the best `config.retrieva
   own corpus;
 - references whose overlap with the record (eq. 6) exceeds `config.retrieval.train_max_overlap`.
 The ids go to `--out` in blocks of records (m3jax/retrieval/retrieve.py); several processes (jax.distributed)
-take alternate blocks; a rerun finishes the missing blocks and refuses other inputs.
+take alternate blocks; a rerun finishes the missing blocks and refuses other inputs. `--bank`, `--index` and `--out`
+may be `gs://` URLs.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _DATA = flags.DEFINE_string("data", None, "A data directory written by tools/prepare_data.py.")
 _SPLIT = flags.DEFINE_string("split", "train", "The split to retrieve for.")
 _BANK = flags.DEFINE_string("bank", None, "The memory bank: a directory or a TensorStore kvstore URL.")
-_INDEX = flags.DEFINE_string("index", "", "The bank's index directory (default BANK/index).")
+_INDEX = flags.DEFINE_string("index", "", "The bank's index directory or gs:// URL (default BANK/index).")
 _KNOWLEDGE = flags.DEFINE_string("knowledge", None, "The knowledge base the bank was written from, which must be "
                                  "the data's corpus (the default); '' = no provenance filter, for a knowledge base "
                                  "that shares no text with the training data.")
-_OUT = flags.DEFINE_string("out", "", "Output directory (default DATA/retrieval-SPLIT).")
+_OUT = flags.DEFINE_string("out", "", "Output directory or gs:// URL (default DATA/retrieval-SPLIT).")
 _BLOCK_RECORDS = flags.DEFINE_integer("block_records", 1024, "Records per output block (a new output only).",
                                       lower_bound=1)
 _BATCH_RECORDS = flags.DEFINE_integer("batch_records", 64, "Records whose chunks are embedded and searched at once.",

@@ -6,16 +6,16 @@ where each invocation of the trainer started (a resumed run has one line per res
 
 import json
 import sys
-from pathlib import Path
 
 from absl import app, flags
+from etils import epath
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (a local path or a gs:// URL).", required=True)
 
 
 def main(argv):
     del argv
-    path = Path(_WORKDIR.value) / "metrics.jsonl"
+    path = epath.Path(_WORKDIR.value) / "metrics.jsonl"
     if not path.exists():
         sys.exit(f"summarize_run: {path} does not exist")
     splits: dict[str, dict[int, dict]] = {}

@@ -13,7 +13,8 @@ from m3jax.data.corpus import load_corpus
 from m3jax.data.tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer
 
 _CORPUS = flags.DEFINE_string("corpus", "embedded", '"embedded", or comma-separated text/JSONL paths/globs.')
-_OUT = flags.DEFINE_string("out", None, "Model prefix: writes <out>.model and <out>.vocab.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Model prefix, local or gs://: writes <out>.model and <out>.vocab.",
+                           required=True)
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size, special and byte pieces included.",
                                    lower_bound=MIN_VOCAB_SIZE)
 _MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece model type.")

@@ -20,6 +20,7 @@
   an uninterrupted run's (same batch size and devices per process). An existing bank from another knowledge base,
   tokenizer, architecture, encoding or checkpoint is refused (`--allow_other_checkpoint` accepts a complete bank
   from another checkpoint as it is, writing nothing).
+- `--checkpoint`, `--tokenizer`, `--knowledge` (paths and globs) and `--bank` may be `gs://` URLs.
 """
 
 from __future__ import annotations

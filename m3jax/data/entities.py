@@ -35,10 +35,10 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from m3jax.data.corpus import Document
 
@@ -341,8 +341,9 @@ def write(out_dir: str | os.PathLike, entities: Entities, train_docs: Sequence[D
     train.jsonl      `{"text", "id"}` per training document (what `load_corpus` and prepare_data read),
     knowledge.jsonl  `{"text", "entity"}` per entity, in index order (what `load_references` reads),
     cloze.jsonl      one `cloze_items` item per line,
-    entities.json    `metadata(...)`."""
-    out = Path(out_dir)
+    entities.json    `metadata(...)`.
+    `out_dir` may be a `gs://` URL."""
+    out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "train.jsonl", ({"text": d.text, "id": d.doc_id} for d in train_docs))
     _write_jsonl(out / "knowledge.jsonl",
@@ -353,6 +354,6 @@ def write(out_dir: str | os.PathLike, entities: Entities, train_docs: Sequence[D
     return meta
 
 
-def _write_jsonl(path: Path, rows) -> None:
+def _write_jsonl(path: epath.Path, rows) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 

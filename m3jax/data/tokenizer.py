@@ -18,7 +18,6 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
 import sentencepiece as spm
 from etils import epath
@@ -103,8 +102,8 @@ def _training_error(e: RuntimeError, lines: _TrainingLines, vocab_size: int) -> 
 
 
 def train_tokenizer(texts: Iterable[str], out_prefix: str, vocab_size: int, model_type: str = "bpe") -> str:
-    """Trains a tokenizer on `texts` and writes `{out_prefix}.model` (and a readable `.vocab`); returns the
-    model path.
+    """Trains a tokenizer on `texts` and writes `{out_prefix}.model` (and a readable `.vocab`; a local prefix or a
+    `gs://` one); returns the model path.
 
     Single-threaded and fed in order, so the same texts always give a byte-identical model file. The model
     is serialised through a writer rather than `model_prefix`, so the output path is not recorded in it.
@@ -135,12 +134,12 @@ def train_tokenizer(texts: Iterable[str], out_prefix: str, vocab_size: int, mode
             MAX_LINE_BYTES,
             lines.num_pieces,
         )
-    model_path = Path(f"{out_prefix}.model")
+    model_path = epath.Path(f"{out_prefix}.model")  # a local file or a gs:// object
     model_path.parent.mkdir(parents=True, exist_ok=True)
     model_path.write_bytes(model.getvalue())
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = (f"{processor.id_to_piece(i)}\t{processor.get_score(i)}\n" for i in range(processor.vocab_size()))
-    Path(f"{out_prefix}.vocab").write_text("".join(vocab), encoding="utf-8")
+    epath.Path(f"{out_prefix}.vocab").write_text("".join(vocab), encoding="utf-8")
     return str(model_path)
 
 

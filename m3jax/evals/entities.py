@@ -19,11 +19,11 @@ import functools
 import json
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from m3jax.config import ConfigError
@@ -46,9 +46,11 @@ _TEXTS_PER_READ = 4096  # references decoded at once when looking for the entiti
 
 
 def read_items(path: str, count: int) -> list[dict]:
-    """The held-out entities' items of a cloze.jsonl, in file order: all (`count` 0) or a fixed random sample."""
+    """The held-out entities' items of a cloze.jsonl (a local file or a `gs://` object), in file order: all
+    (`count` 0) or a fixed random sample."""
     try:
-        items = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
+        items = [json.loads(line) for line in lines if line.strip()]
     except (OSError, ValueError) as e:
         raise ConfigError(f"config.eval.cloze: cannot read {path}: {e}") from e
     fields = {"name", "prompt", "answer", "heldout"}

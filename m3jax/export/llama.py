@@ -32,9 +32,11 @@ import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+from etils import epath
 
 from m3jax.model import params as params_lib
 from m3jax.model.config import ModelConfig
+from m3jax.paths import is_url
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -192,23 +194,28 @@ def to_hf_llama(
 
 def save_hf_llama(
     params: Mapping[str, Any], model_cfg: ModelConfig, out_dir: str | os.PathLike, **options: Any
-) -> list[Path]:
-    """Writes config.json, generation_config.json and model.safetensors into `out_dir`; returns their paths.
+) -> list[epath.Path]:
+    """Writes config.json, generation_config.json and model.safetensors into `out_dir` (a local directory or a
+    `gs://` URL); returns their paths.
 
     `options` are the keyword arguments of `to_hf_llama` (`dtype="float32"|"bfloat16"`, the max position and
-    the special-token ids).
+    the special-token ids). In a bucket the weights are serialised in memory and uploaded as one object (safetensors
+    writes files by local path only), so the upload holds a second copy of them in memory.
     """
     config, state = to_hf_llama(params, model_cfg, **options)
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     padding_ids = list(range(model_cfg.vocab_size, model_cfg.padded_vocab_size))
     if padding_ids:
         generation["suppress_tokens"] = padding_ids
-    out = Path(out_dir)
+    out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / CONFIG_FILE, out / GENERATION_CONFIG_FILE, out / WEIGHTS_FILE]
     for path, content in zip(paths[:2], (config, generation), strict=True):
         path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    safetensors.numpy.save_file(state, paths[2], metadata={"format": "pt"})
+    if is_url(out_dir):
+        paths[2].write_bytes(safetensors.numpy.save(state, metadata={"format": "pt"}))
+    else:
+        safetensors.numpy.save_file(state, paths[2], metadata={"format": "pt"})
     return paths
 
 
@@ -435,7 +442,12 @@ def load_hf_llama(
     directory: str | os.PathLike, *, vocab_multiple: int = 128, untie_embeddings: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any], SafetensorsWeights]:
     """`from_hf_llama` of a Hugging Face directory (config.json and safetensors weights): (`config.model` entries,
-    float32 parameter tree, the weights read). An `HFCheckpointError` names the file it is about."""
+    float32 parameter tree, the weights read). An `HFCheckpointError` names the file it is about; the directory is
+    local (safetensors opens its files by local path)."""
+    if is_url(directory):
+        raise HFCheckpointError(f"{os.fspath(directory)}: a Hugging Face directory is read from local disk only "
+                                "(safetensors opens its weight files by local path); copy it to local disk "
+                                f"(`gcloud storage cp -r {os.fspath(directory)} .`) and pass the copy")
     directory = Path(directory)
     if not directory.is_dir():
         raise HFCheckpointError(f"{directory}: not a directory")

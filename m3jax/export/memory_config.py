@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 from m3jax.model.config import ModelConfig
 
 MEMORY_CONFIG_FILE = "memory_config.json"
@@ -28,8 +30,9 @@ def memory_config(cfg: ModelConfig, sink_tokens: Sequence[int]) -> dict[str, Any
             "sink_tokens": [int(t) for t in sink_tokens], "vocab_size": cfg.vocab_size}
 
 
-def write_memory_config(out_dir: str | os.PathLike, cfg: ModelConfig, sink_tokens: Sequence[int]) -> Path:
-    path = Path(out_dir) / MEMORY_CONFIG_FILE
+def write_memory_config(out_dir: str | os.PathLike, cfg: ModelConfig, sink_tokens: Sequence[int]) -> epath.Path:
+    """Writes `out_dir/memory_config.json` (a local directory or a `gs://` URL); returns its path."""
+    path = epath.Path(out_dir) / MEMORY_CONFIG_FILE
     path.write_text(json.dumps(memory_config(cfg, sink_tokens), indent=2) + "\n", encoding="utf-8")
     return path
 

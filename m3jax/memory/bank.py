@@ -157,7 +157,10 @@ _CONTEXT: ts.Context | None = None
 
 def _default_context() -> ts.Context:
     """One context per process: `memory://` banks are visible to every open of the process, and TensorStore's
-    own chunk cache stays off (cache_pool 0; the bank's LRU caches rows)."""
+    own chunk cache stays off (cache_pool 0; the bank's LRU caches rows). A request to a bucket that fails with a
+    5xx, 408 or 429 or a dropped connection is retried with TensorStore's default backoff (`gcs_request_retries`:
+    32 retries from 1 s doubling to 32 s, about 15 minutes); then the write or read fails naming the object, and a
+    row is flagged written only once its data is stored (tests/test_gcs_faults.py)."""
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = ts.Context()

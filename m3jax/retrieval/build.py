@@ -3,7 +3,7 @@
 A reference's text is its tokens (as the bank stores them) decoded by the tokenizer that wrote the bank. Embedding
 is sharded over processes and resumable: references are cut into blocks of `block_refs`; process p of n embeds
 blocks p, p + n, … and saves each as `INDEX-vectors/block-{i:06d}.npy` (float32 [refs of the block, dim], written
-to a temporary name then renamed), so a restarted build embeds only the missing blocks. Process 0 then reads all
+whole: `m3jax.retrieval.blocks`), so a restarted build embeds only the missing blocks. Process 0 then reads all
 blocks, builds the searcher (`m3jax.retrieval.index.Index`, brute force or tree + AH by the settings) and saves
 it in the index directory, with the embedder's identity; the vector blocks stay beside it (the source of a
 rebuild with other settings) and are checked against the embedder and the bank's size on reuse.
@@ -15,6 +15,8 @@ its own bytes, so a rerun embeds again exactly the blocks whose references' toke
 and a damaged block is an error naming it. The index records the bank's binding (`bank_binding`: its size,
 ref_len, tokenizer and the sha256 of every row's token digest) so a retriever refuses an index of other texts
 (`Index.load(expect_bank=...)`).
+
+The bank, the index and its vectors may each be a local directory or a `gs://` URL.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from m3jax.data.tokenizer import Tokenizer
 from m3jax.memory.bank import MemoryBank
+from m3jax.paths import absolute, is_url
 from m3jax.retrieval.blocks import Blocks, create_meta, read_meta
 from m3jax.retrieval.embedder import Embedder
 from m3jax.retrieval.index import INDEX_DIR, Index, IndexSettings
@@ -75,10 +77,8 @@ def vectors_dir(index_dir: str) -> str:
 
 
 def default_index_dir(bank_path: str) -> str:
-    """BANK/index for a bank on a local path; a bank at a URL needs an explicit index directory."""
-    if "://" in bank_path:
-        raise ValueError(f"the bank {bank_path} is not a local directory: give the index directory explicitly")
-    return os.path.join(bank_path, INDEX_DIR)
+    """BANK/index: in the bank's directory, or under its URL (`gs://bucket/bank/index`)."""
+    return f"{bank_path.rstrip('/')}/{INDEX_DIR}" if is_url(bank_path) else os.path.join(bank_path, INDEX_DIR)
 
 
 def reference_texts(bank: MemoryBank, tokenizer: Tokenizer, ids: np.ndarray) -> list[str]:
@@ -120,7 +120,8 @@ class VectorBlocks(Blocks):
     @classmethod
     def open(cls, directory: str | os.PathLike) -> VectorBlocks:
         """The vector blocks saved in `directory`, as they were embedded."""
-        meta = read_meta(Path(directory) / VECTORS_META, missing_hint="no embedded references (tools/build_index.py)")
+        meta = read_meta(absolute(directory) / VECTORS_META,
+                         missing_hint="no embedded references (tools/build_index.py)")
         return cls(directory, num_refs=meta["num_refs"], block_refs=meta["block_refs"], identity=meta["embedder"])
 
     def read_all(self) -> np.ndarray:

@@ -10,7 +10,7 @@ index is a maximum-inner-product search. Two kinds (`retrieval.index` in the con
   of the same vectors can return different neighbours.
 `auto` is brute force up to `brute_force_max` references and tree_ah above.
 
-On disk (a local directory, by default `BANK/index`, `INDEX_DIR`):
+Saved in a directory (local or a `gs://` URL; by default `BANK/index`, `INDEX_DIR`):
 
     index.json   format version, resolved settings, n, dim, the embedder's identity, the sha256 of the vectors
                  the index was built from, the bank it embedded (`bank`: m3jax.retrieval.build.bank_binding, or
@@ -18,14 +18,20 @@ On disk (a local directory, by default `BANK/index`, `INDEX_DIR`):
                  damaged file is an error rather than silently wrong neighbours)
     scann_*, *.npy, *.pb   ScaNN's own assets, saved with relative paths (the directory can be moved)
 
-A save writes into a hidden temporary directory beside the target and renames it into place, so a crash never
-leaves a directory that loads as a half index. Opening the index with another embedder than the one that built
+A local save writes into a hidden temporary directory beside the target and renames it into place, so a crash never
+leaves a directory that loads as a half index. In a bucket the index is the one retrieval artifact staged through
+local disk, because ScaNN serializes to and loads from a local directory only: a save serializes into a local
+temporary directory and uploads each file, index.json last (it lists every file's sha256: objects without it are an
+incomplete index, with it a whole one; `Index.save` says what a reader sees while one is replaced), and a load
+downloads the files into a local temporary directory, checks each against index.json (an error names the object),
+loads them and removes the directory. Opening the index with another embedder than the one that built
 it is an `IndexMismatchError`: its neighbours would be meaningless; so is opening it for a bank whose texts
 differ from those it embedded (`expect_bank`), or with a damaged index.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,7 +43,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 from scann.scann_ops.py import scann_ops_pybind
+
+from m3jax.paths import is_url
 
 INDEX_DIR = "index"  # the index's directory under a bank root
 INDEX_JSON = "index.json"
@@ -61,6 +70,7 @@ _PARALLEL_BATCH = 256  # scann_ops_pybind.ScannSearcher.search_batched_parallel'
 # Anisotropic quantisation weighs the error parallel to a vector more (it is what moves inner products): ScaNN's
 # recommended threshold for unit-norm maximum-inner-product search.
 _AH_ANISOTROPIC_THRESHOLD = 0.2
+_COPY_CHUNK = 16 << 20  # bytes per read when an index file is uploaded or downloaded
 
 
 INDEX_KINDS = ("auto", "brute_force", "tree_ah")
@@ -276,8 +286,11 @@ class Index:
         return ids, scores
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write the index to a local `directory` atomically; an existing index there is replaced (any other
-        non-empty directory is an error)."""
+        """Write the index to `directory`, a local directory (atomically) or a `gs://` URL (`_upload`); an existing
+        index there is replaced (any other non-empty directory is an error)."""
+        if is_url(directory):
+            self._upload(epath.Path(directory))
+            return
         directory = os.path.abspath(os.fspath(directory))
         replaceable = os.path.isdir(directory) and (not os.listdir(directory)
                                                     or os.path.isfile(os.path.join(directory, INDEX_JSON)))
@@ -287,14 +300,7 @@ class Index:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
         try:
-            self._searcher.serialize(tmp, relative_path=True)
-            files = {f: _file_digest(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
-            meta = {"format": _FORMAT_NAME, "version": FORMAT, "num_vectors": self.num_vectors, "dim": self.dim,
-                    "settings": self.settings, "embedder": self.embedder, "vectors_sha256": self.vectors_sha256,
-                    "bank": self.bank, "files": files}
-            with open(os.path.join(tmp, INDEX_JSON), "w") as f:
-                json.dump(meta, f, indent=2, sort_keys=True)
-            for f in (*files, INDEX_JSON):
+            for f in self._serialize(tmp):
                 _fsync(os.path.join(tmp, f))
             _fsync(tmp)
             if os.path.exists(directory):  # swap: the old index is moved aside whole, then removed
@@ -308,27 +314,60 @@ class Index:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def _serialize(self, directory: str) -> list[str]:
+        """ScaNN's files and index.json, written into the empty local `directory`; their names, index.json last."""
+        self._searcher.serialize(directory, relative_path=True)
+        files = {f: _file_digest(os.path.join(directory, f)) for f in sorted(os.listdir(directory))}
+        meta = {"format": _FORMAT_NAME, "version": FORMAT, "num_vectors": self.num_vectors, "dim": self.dim,
+                "settings": self.settings, "embedder": self.embedder, "vectors_sha256": self.vectors_sha256,
+                "bank": self.bank, "files": files}
+        with open(os.path.join(directory, INDEX_JSON), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        return [*files, INDEX_JSON]
+
+    def _upload(self, directory: epath.Path) -> None:
+        """`save` to a bucket, which has no renames: the files are serialized into a local temporary directory and
+        uploaded over the old index's (each object is visible only whole), index.json last; then the old index's
+        objects the new one lacks are deleted. A reader meanwhile finds the old index.json and some of its files
+        replaced, which `load` refuses (each file is checked against index.json: an error naming the object), never
+        a mix that loads; after the new index.json, the new index. A save stopped before its index.json leaves
+        objects that do not load (without an index.json, or not those it lists); saving again there replaces them
+        (objects without an index.json only when they are files the new index has: an index of the same kind)."""
+        with tempfile.TemporaryDirectory(prefix="m3jax-index-") as tmp:
+            names = self._serialize(tmp)
+            existing = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
+            stopped = existing and existing <= set(names)  # a save of this kind stopped before its index.json
+            if directory.exists() and INDEX_JSON not in existing and not stopped:
+                raise FileExistsError(f"{directory} exists and is not an index (no {INDEX_JSON}): not replacing it")
+            for name in names:
+                with open(os.path.join(tmp, name), "rb") as src, (directory / name).open("wb") as dst:
+                    shutil.copyfileobj(src, dst, _COPY_CHUNK)
+        for name in sorted(existing - set(names)):
+            (directory / name).unlink()
+
     @classmethod
     def load(cls, directory: str | os.PathLike, *, expect_embedder: Mapping | None = None,
              expect_bank: Mapping | None = None) -> Index:
         """Open a saved index. With `expect_embedder`, an index built by another embedder is an
         `IndexMismatchError` naming the fields that differ; with `expect_bank` (`bank_binding` of the bank it is
         used with), so is an index that embedded other texts (or recorded no bank)."""
-        directory = os.fspath(directory)
-        meta_path = os.path.join(directory, INDEX_JSON)
-        if not os.path.isdir(directory):
+        url = is_url(directory)
+        directory = epath.Path(directory)
+        meta_path = directory / INDEX_JSON
+        if not directory.is_dir():
             raise FileNotFoundError(f"no index at {directory}: the directory does not exist")
-        if not os.path.isfile(meta_path):
+        if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} is missing: {directory} is not a saved index")
         try:
-            with open(meta_path) as f:
-                meta = json.load(f)
+            meta = json.loads(meta_path.read_text())
             if meta.get("format") != _FORMAT_NAME or meta.get("version") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}, "
                                  f"expected {_FORMAT_NAME!r} version {FORMAT}")
             num_vectors, dim, settings = int(meta["num_vectors"]), int(meta["dim"]), dict(meta["settings"])
             embedder, vectors_sha256, files = dict(meta["embedder"]), str(meta["vectors_sha256"]), dict(meta["files"])
             bank = None if meta.get("bank") is None else dict(meta["bank"])
+            if any(os.path.basename(name) != name or name in ("", ".", "..") for name in files):
+                raise ValueError(f"files must be plain file names, got {sorted(files)}")
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
             raise ValueError(f"{meta_path} is not a valid index description: {e}") from e
         if expect_embedder is not None:
@@ -348,15 +387,21 @@ class Index:
                 raise IndexMismatchError(f"the index at {directory} embedded other texts than the bank holds: "
                                          + "; ".join(diff) + "; rebuild it with tools/build_index.py (it embeds "
                                          "again only the blocks whose references changed)")
-        for name, digest in files.items():
-            path = os.path.join(directory, name)
-            if not os.path.isfile(path):
-                raise ValueError(f"index file {path} is missing")
-            if _file_digest(path) != digest:
-                raise ValueError(f"index file {path} is damaged: its size or sha256 differs from {meta_path}")
-        try:
-            searcher = scann_ops_pybind.load_searcher(directory)
-        except RuntimeError as e:
-            raise ValueError(f"ScaNN could not load the index at {directory}: {e}") from e
+        # ScaNN loads from a local directory: an index in a bucket is downloaded into a temporary one
+        with tempfile.TemporaryDirectory(prefix="m3jax-index-") if url else contextlib.nullcontext(
+                os.fspath(directory)) as local:
+            for name, digest in files.items():
+                path = directory / name
+                if not path.is_file():
+                    raise ValueError(f"index file {path} is missing")
+                if url:
+                    with path.open("rb") as src, open(os.path.join(local, name), "wb") as dst:
+                        shutil.copyfileobj(src, dst, _COPY_CHUNK)
+                if _file_digest(os.path.join(local, name)) != digest:
+                    raise ValueError(f"index file {path} is damaged: its size or sha256 differs from {meta_path}")
+            try:
+                searcher = scann_ops_pybind.load_searcher(local)
+            except RuntimeError as e:
+                raise ValueError(f"ScaNN could not load the index at {directory}: {e}") from e
         return cls(searcher, num_vectors=num_vectors, dim=dim, settings=settings, embedder=embedder,
                    vectors_sha256=vectors_sha256, bank=bank)

@@ -11,14 +11,15 @@ references, and the leaking ones are dropped:
   any near-copy of the record's text, from whatever document.
 The first `refs_per_chunk` survivors, best first, are the chunk's references (−1 = none).
 
-Storage (`RetrievedIds`), a directory:
+Storage (`RetrievedIds`), a directory (local, or a `gs://` URL):
 
     retrieval.json          what was retrieved, with what (data, bank, embedder, index, settings): a rerun
                             with other inputs is refused rather than mixing two retrievals
     block-{i:06d}.npy       int32 [records of block i, num_groups, refs_per_chunk], records [i·B, (i+1)·B)
 
-Blocks are written whole and atomically (temporary file, then rename), so a restarted run redoes only the
-blocks that are missing. Process p of n takes blocks p, p + n, …: no coordination, no two writers of a file.
+Blocks are written whole and atomically (a local temporary file renamed; in a bucket, an upload, visible only
+whole: `m3jax.retrieval.blocks`), so a restarted run redoes only the blocks that are missing. Process p of n takes
+blocks p, p + n, …: no coordination, no two writers of a file.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from m3jax.data.records import METADATA_FILE, split_source
 from m3jax.data.tokenizer import Tokenizer
 from m3jax.memory import layout
 from m3jax.memory.knowledge import load_references
+from m3jax.paths import absolute
 from m3jax.retrieval.blocks import Blocks, create_meta, read_meta
 from m3jax.retrieval.overlap import leaking
 
@@ -235,14 +236,14 @@ class RetrievedIds(Blocks):
     @classmethod
     def create(cls, directory, meta: Mapping[str, Any]) -> RetrievedIds:
         """A new store, or the existing one at `directory` when it holds the same retrieval (a resumed run)."""
-        meta = create_meta(Path(directory) / META_FILE, {"format": FORMAT, **meta}, what="another retrieval",
+        meta = create_meta(absolute(directory) / META_FILE, {"format": FORMAT, **meta}, what="another retrieval",
                            remedy="give a new --out or rerun with its inputs")
         return cls(directory, meta)
 
     @classmethod
     def open(cls, directory, *, expect: Mapping[str, Any] | None = None) -> RetrievedIds:
         """A complete store; `expect`: metadata fields that must equal (e.g. the data's num_records, seq_len)."""
-        directory = Path(directory)
+        directory = absolute(directory)
         meta = read_meta(directory / META_FILE, missing_hint="not a directory of retrieved ids (write one with "
                          "tools/retrieve.py)")
         diffs = [f"{k}: stored {meta.get(k)!r}, expected {v!r}" for k, v in (expect or {}).items() if meta.get(k) != v]
