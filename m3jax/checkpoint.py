@@ -19,6 +19,7 @@ checking that the job's model config describes the checkpoint's model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -54,6 +55,7 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        self._saving: int | None = None  # the step of the last save begun
 
     def _check_readable_layout(self) -> None:
         """Step directories that Orbax would not list (e.g. a damaged name) must not be silently skipped."""
@@ -77,18 +79,33 @@ class Checkpointer:
         """Saves `step` now (asynchronously when enabled). `data_state` is the data iterator's JSON state,
         `loop_state` the training loop's own JSON state.
 
-        The caller decides when (every `train.checkpoint_every` steps and at the end of an invocation).
+        The caller decides when (every `train.checkpoint_every` steps and at the end of an invocation). A save
+        that fails (now, or in the background: raised by the next `save` or `wait`) is a CheckpointError naming
+        the step; it is not committed, so no run takes it for a checkpoint.
         """
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(config),
-                loop=ocp.args.JsonSave(loop_state or {}),
-            ),
-            force=True,
-        )
+        self.wait()
+        self._saving = step
+        with self._naming_failure():
+            return self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state),
+                    config=ocp.args.JsonSave(config),
+                    loop=ocp.args.JsonSave(loop_state or {}),
+                ),
+                force=True,
+            )
+
+    @contextlib.contextmanager
+    def _naming_failure(self):
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - storage errors (gcsfs's name no object) get the step's name
+            raise CheckpointError(f"saving checkpoint {self.directory / str(self._saving)} failed "
+                                  f"({type(e).__name__}: {e}); it is not committed") from e
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict, dict]:
         """(state, data_state, config, loop_state) of `step`, arrays placed as `abstract_state`'s shardings say."""
@@ -108,7 +125,8 @@ class Checkpointer:
         return out.state, out.data, out.config, (out.get("loop") or {})
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._naming_failure():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()

@@ -177,8 +177,6 @@ def test_checkpoint_outage_stops_the_save_and_leaves_no_checkpoint(quick_retries
         load_config(f"{directory}/2")
 
 
-@pytest.mark.xfail(strict=True, reason="m3jax.checkpoint passes gcsfs's error on as it is ('injected fault, 503'): "
-                   "Checkpointer.save/wait should name the step being saved (CheckpointError)")
 def test_checkpoint_outage_error_names_the_step(quick_retries, gcs):
     """The error of a save that the server stopped names the checkpoint step (gcsfs's own names nothing)."""
     error = _save_through_outage(f"{gcs}/checkpoints", quick_retries)
