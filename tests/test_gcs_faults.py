@@ -15,6 +15,7 @@ The tests keep the number of attempts and shorten the waits (`quick_retries`).
 
 import asyncio
 import re
+import time
 import types
 
 import numpy as np
@@ -181,3 +182,20 @@ def test_checkpoint_outage_error_names_the_step(quick_retries, gcs):
     """The error of a save that the server stopped names the checkpoint step (gcsfs's own names nothing)."""
     error = _save_through_outage(f"{gcs}/checkpoints", quick_retries)
     assert f"{gcs}/checkpoints/2" in str(error), f"{type(error).__name__}: {error}"
+
+
+def test_metrics_outage_stops_the_writer_naming_the_object(quick_retries, gcs):
+    """An outage on the TensorBoard events and metrics.jsonl of a bucket run: the training thread gets an error
+    naming the object (tensorboardX's writer thread would otherwise die and block the next add_scalar for ever)."""
+    from m3jax.train.metrics import MetricWriter
+
+    writer = MetricWriter(f"{gcs}/run", upload_every_s=3600.0)  # metrics.jsonl: written at close
+    writer.write(1, {"loss": 1.0})
+    quick_retries.add(count=OUTAGE, methods=("POST",), match="run/")
+    with pytest.raises(OSError, match=rf"cannot write {gcs}/run/tensorboard/events"):
+        for step in range(2, 40):  # the event file's flush comes from tensorboardX's thread, a moment later
+            writer.write(step, {"loss": 1.0})
+            writer._tb.flush()
+            time.sleep(0.05)
+    with pytest.raises(OSError, match=rf"cannot write {gcs}/run/metrics.jsonl"):
+        writer._jsonl.close()

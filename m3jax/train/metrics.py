@@ -33,7 +33,10 @@ class BucketFile:
         self.data += data
 
     def flush(self) -> None:
-        self.path.write_bytes(bytes(self.data))
+        try:
+            self.path.write_bytes(bytes(self.data))
+        except Exception as e:  # noqa: BLE001 - gcsfs's errors name no object
+            raise OSError(f"cannot write {self.path} ({type(e).__name__}: {e})") from e
 
     def close(self) -> None:
         if not self.closed:
@@ -41,18 +44,43 @@ class BucketFile:
             self.closed = True
 
 
+class _EventFile(BucketFile):
+    """An event file in a bucket. tensorboardX flushes it from its writer thread, which dies on an exception (and
+    `add_scalar` then blocks for ever on the thread's full queue): a failed flush is kept in `error` instead, and
+    MetricWriter raises it in the training thread."""
+
+    error: OSError | None = None
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as e:
+            self.error = e
+
+
 class _BucketEventFiles:
-    """tensorboardX's writer factory for gs:// event files: `BucketFile`s (its own writes through the
+    """tensorboardX's writer factory for gs:// event files: `_EventFile`s (its own writes through the
     google-cloud-storage client, and writes the whole file again when garbage-collected)."""
 
-    def open(self, path: str) -> BucketFile:
-        return BucketFile(path)
+    def __init__(self):
+        self.files: list[_EventFile] = []
+
+    def open(self, path: str) -> _EventFile:
+        self.files.append(_EventFile(path))
+        return self.files[-1]
+
+    def raise_failure(self, directory: str) -> None:
+        """Raises the first failed flush of an event file under `directory`."""
+        for f in self.files:
+            if f.error is not None and str(f.path).startswith(directory):
+                raise f.error
 
     def directory_check(self, path: str) -> None:
         pass  # a bucket has no directories to create
 
 
-record_writer.register_writer_factory("gs", _BucketEventFiles())
+_EVENT_FILES = _BucketEventFiles()
+record_writer.register_writer_factory("gs", _EVENT_FILES)
 
 
 class MetricWriter:
@@ -65,7 +93,8 @@ class MetricWriter:
                 os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(jsonl, "ab") if self._local else BucketFile(jsonl)  # noqa: SIM115 - closed in close()
             self._upload_every_s, self._uploaded = upload_every_s, time.monotonic()
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb_dir = os.path.join(workdir, "tensorboard")
+            self._tb = SummaryWriter(self._tb_dir)
 
     def write(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -76,6 +105,8 @@ class MetricWriter:
         if self._local or time.monotonic() - self._uploaded >= self._upload_every_s:
             self._jsonl.flush()
             self._uploaded = time.monotonic()
+        if not self._local:
+            _EVENT_FILES.raise_failure(self._tb_dir)
         for k, v in metrics.items():
             self._tb.add_scalar(f"{prefix}/{k}", v, step)
 
@@ -83,3 +114,5 @@ class MetricWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+            if not self._local:
+                _EVENT_FILES.raise_failure(self._tb_dir)
