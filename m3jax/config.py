@@ -46,6 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"  # compute dtype; parameters are always float32
     m.remat = "none"  # none | full | dots
     m.scan_layers = True
+    # The context part of attention (m3jax/model/kernels.py): "xla" (the reference, any backend), "splash"
+    # (Pallas splash attention, TPU) or "pallas_gpu" (Pallas flash attention, GPU). Memory stays exact with each.
+    m.attention = "xla"
+    m.attention_interpret = False  # run a Pallas kernel in the interpreter (slow; CPU tests)
 
     # Explicit memory (Memory3, docs/memory.md). Two settings: whether the model *has* memory heads (its geometry:
     # which layers and KV heads read memory, how many tokens a memory keeps, ...; a warm-up model has them too, so
@@ -132,6 +136,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.z_loss = 0.0
+    # The LM head and loss over this many positions of every row at a time, each chunk's float32 logits recomputed
+    # in the backward: [batch, chunk, vocab] at once instead of [batch, seq, vocab]. 0 = the whole sequence.
+    c.loss.chunk_size = 512
 
     c.train = ml_collections.ConfigDict()
     t = c.train
@@ -209,6 +216,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     from m3jax.memory.layout import LAYOUTS
     from m3jax.memory_pipeline import MODES as MEMORY_MODES
     from m3jax.model.config import resolve_memory_kv_heads, resolve_memory_layers
+    from m3jax.model.kernels import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
     from m3jax.retrieval.index import INDEX_KINDS
 
     m = c.model
@@ -224,6 +232,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _check(m.rope_base > 1.0, "model.rope_base", f"must be > 1, got {m.rope_base}")
     _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
     _check(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}, got {m.remat!r}")
+    _check(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
+           f"must be one of {ATTENTION_IMPLEMENTATIONS}, got {m.attention!r}")
 
     mem = c.memory
     for key in ("ref_len", "k", "chunk_size", "per_chunk"):
@@ -261,6 +271,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
                f"{r.refs_per_chunk} references per chunk do not fit memory.per_chunk={mem.per_chunk} slots")
 
     t = c.train
+    _check(c.loss.chunk_size >= 0, "loss.chunk_size", f"must be >= 0 (0 = unchunked), got {c.loss.chunk_size}")
     _check(t.num_steps > 0, "train.num_steps", f"must be positive, got {t.num_steps}")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         _check(t[key] > 0, f"train.{key}", f"must be positive, got {t[key]}")

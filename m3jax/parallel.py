@@ -95,6 +95,11 @@ def axis_rules(rules: Rules) -> Iterator[None]:
         _ACTIVE_RULES.reset(token)
 
 
+def active_rules() -> Rules | None:
+    """The logical axis rules active here (`axis_rules`), or None."""
+    return _ACTIVE_RULES.get()
+
+
 def shard_activation(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Constrains an activation's sharding when rules and a mesh are active; a no-op otherwise."""
     rules = _ACTIVE_RULES.get()

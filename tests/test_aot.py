@@ -63,6 +63,7 @@ def test_memory3_2b_fits_a_v5p_128_slice(libtpu, memory3_2b_fit):
     assert report["fits"] is c["fits"] is True
     assert (c["num_devices"], c["device_kind"], c["mesh"]) == (64, "TPU v5", {"data": 1, "fsdp": 64, "tensor": 1})
     assert c["hbm_bytes"] == 95 * GiB
+    assert c["attention"] == "splash" and c["pallas_kernel_calls"] > 0  # the Pallas kernel compiles at scale
     # Arguments: float32 parameters + two AdamW moments, all sharded 64 ways by fsdp (only the 0.3M norm weights are
     # replicated), plus this device's 1/64 of the int32 batch (1.3 MB). TPU tiled layouts pad the narrow minor
     # dimensions of the shards (3200 / 64 = 50 columns, tiles are 128 wide): measured +29%, so allow up to +50%.
@@ -89,7 +90,7 @@ def test_oversized_config_does_not_fit(libtpu):
     c = report["compiled"]
     assert report["fits"] is c["fits"] is False
     assert c["hbm_bytes"] == 16 * GiB and "RESOURCE_EXHAUSTED" in c["compiler_oom"]
-    assert c["required_bytes"] > 100 * c["available_bytes"]
+    assert c["required_bytes"] > 50 * c["available_bytes"]  # 93x with splash attention and a chunked loss
     assert report["analytic_memory_per_device_bytes"]["total_bytes"] > 100 * c["hbm_bytes"]
 
 
@@ -112,6 +113,7 @@ def test_the_continued_stage_compiles_for_a_tpu_slice_in_both_memory_modes(libtp
         assert out.returncode == 0, out.stderr[-3000:]
         compiled[mode] = c = report["compiled"]
         assert c["fits"] is True and (c["num_devices"], c["device_kind"]) == (4, "TPU v5"), c
+        assert c["attention"] == "splash" and c["pallas_kernel_calls"] > 0, c  # memory3_2b's, inherited
     assert compiled["bank"]["argument_bytes"] > compiled["online"]["argument_bytes"], compiled
 
 
@@ -144,7 +146,7 @@ def test_dry_run_without_topology_gives_the_analytic_estimate(capsys):
     assert aot.analytic_memory(config, 2 * n)["activation_bytes"] < a["activation_bytes"]
     with config.unlocked():
         config.model.remat = "none"
-    assert aot.analytic_memory(config, n)["activation_bytes"] > 10 * a["activation_bytes"]
+    assert aot.analytic_memory(config, n)["activation_bytes"] > 5 * a["activation_bytes"]
 
 
 # Run in a child process: once libtpu is loaded into a process, jax.profiler there crashes on CPU (other tests trace).

@@ -286,3 +286,43 @@ def test_a_batch_is_checked_against_the_task_schema():
         trainer.global_batch({**batch, "targets": batch["targets"][:, :-1]})
     abstract = trainer.abstract_batch()  # what the ahead-of-time compile lowers with
     assert {k: (v.shape, v.dtype) for k, v in abstract.items()} == {k: ((8, 32), np.int32) for k in trainer.schema}
+
+
+def test_chunked_lm_head_loss_equals_whole_and_never_holds_all_logits():
+    """`Transformer.token_losses` in chunks (here 10 positions: the largest divisor of 40 not above 16) == the whole
+    sequence at once == numpy, values and parameter gradients; and the compiled loss gradient's temporaries shrink
+    with the chunk (the [batch, seq, vocab] float32 logits are never held whole)."""
+    cfg = ModelConfig(vocab_size=4000, num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                      mlp_dim=48, dtype="float32")
+    params = random_params(cfg, 11, std=0.1)
+    rng = np.random.default_rng(12)
+    b, t = 4, 40
+    tokens, targets = (rng.integers(0, cfg.vocab_size, (b, t)).astype(np.int32) for _ in range(2))
+    pos, seg = np.broadcast_to(np.arange(t), (b, t)).astype(np.int32), np.ones((b, t), np.int32)
+
+    def losses(params, chunk):
+        model = params_lib.model_from(cfg, params)
+        lse, target_logit = model.token_losses(model.hidden(tokens, pos, seg), jnp.asarray(targets), chunk)
+        return jnp.sum(lse - target_logit) + 0.1 * jnp.sum(lse ** 2), (lse, target_logit)
+
+    (whole, (lse, tl)), g_whole = jax.value_and_grad(losses, has_aux=True)(params, 0)
+    (chunked, (lse_c, tl_c)), g_chunked = jax.value_and_grad(losses, has_aux=True)(params, 16)
+    logits = np.asarray(forward_logits(cfg, params, {"inputs": tokens, "positions": pos, "segment_ids": seg}),
+                        np.float64)
+    m = logits.max(-1, keepdims=True)
+    ref_lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
+    np.testing.assert_allclose(np.asarray(lse_c), ref_lse, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(tl_c), np.take_along_axis(logits, targets[..., None], -1)[..., 0],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(chunked), float(whole), rtol=1e-6)
+    assert max_param_diff(g_chunked, g_whole) < 1e-5 and max_param_diff(g_whole, jax.tree.map(np.zeros_like,
+                                                                                             g_whole)) > 1e-3
+
+    def temp_bytes(chunk):
+        grad = jax.jit(jax.grad(lambda p: losses(p, chunk)[0]))
+        return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    whole_logits = b * t * cfg.padded_vocab_size * 4
+    whole, chunked = temp_bytes(0), temp_bytes(4)
+    assert whole > 2 * whole_logits, whole  # the unchunked gradient holds the logits and their gradient whole
+    assert chunked < whole_logits / 1.5 and chunked < whole / 4, (chunked, whole)

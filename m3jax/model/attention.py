@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m3jax.model import kernels
+
 NEG_INF = -1e30  # finite, so fully masked rows give zeros instead of NaNs
 CAUSAL_BLOCK_SIZE = 128  # queries per block of the causal path (a multiple of 8 keeps the matmuls aligned)
 
@@ -141,8 +143,26 @@ def _context_attention(qh, kh, vh, mask, causal: bool, block_size: int) -> tuple
     return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
 
 
+def _fused_context(kernel: kernels.FusedAttention, qh, kh, vh, segment_ids, sink_len: int):
+    """The context part by a fused kernel, with its LSE: causal within `segment_ids` [b, t] after a sink of
+    `sink_len` positions that every query sees (and that sees only itself). The kernel runs over the positions
+    after the sink; the sink's keys, a few, are attended in XLA and merged by LSE."""
+    p, t = sink_len, qh.shape[3]
+    out, lse = kernels.context_attention(kernel, qh[:, :, :, p:], kh[:, :, p:], vh[:, :, p:], segment_ids[:, p:],
+                                         with_lse=True)
+    if p == 0:
+        return out, lse
+    b = qh.shape[0]
+    out_s, lse_s = attention_core(qh[:, :, :, p:], kh[:, :, :p], vh[:, :, :p], jnp.ones((b, t - p, p), bool))
+    out, lse = merge_attention(out, lse, out_s, lse_s)
+    sink_mask = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p))
+    out_ss, lse_ss = attention_core(qh[:, :, :, :p], kh[:, :, :p], vh[:, :, :p], sink_mask)
+    return jnp.concatenate([out_ss, out.astype(out_ss.dtype)], axis=3), jnp.concatenate([lse_ss, lse], axis=3)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, causal: bool = False,
-                          block_size: int = CAUSAL_BLOCK_SIZE) -> jax.Array:
+                          block_size: int = CAUSAL_BLOCK_SIZE, kernel: kernels.FusedAttention | None = None,
+                          segment_ids: jax.Array | None = None) -> jax.Array:
     """Grouped-query attention.
 
     q: [batch, q_len, num_heads, head_dim]; k, v: [batch, kv_len, num_kv_heads, head_dim];
@@ -152,8 +172,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     i + kv_len - q_len, as `attention_mask` builds it). Queries then go in blocks of `block_size`, each over
     the keys up to its own last position only; the result is the same, without the masked upper triangle's
     logits, softmax and matmuls.
+
+    kernel: a fused kernel (`m3jax.model.kernels`) computing the same causal attention within `segment_ids`
+    [batch, seq] (0 = padding) instead; `mask` is then unused and must be what `attention_mask` builds from them.
     """
     qh, kh, vh = _to_head_major(q, k, v)
+    if kernel is not None:
+        return _from_head_major(kernels.context_attention(kernel, qh, kh, vh, segment_ids, with_lse=False))
     out, _ = _context_attention(qh, kh, vh, mask, causal, block_size)
     return _from_head_major(out)
 
@@ -232,7 +257,9 @@ def merge_attention(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b:
 def attention_with_memory(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, mem_k: jax.Array,
                           mem_v: jax.Array, mem_index: jax.Array, mem_valid: jax.Array, memory_group: jax.Array,
                           mem_kv_heads: tuple[int, ...], *, chunk_size: int, causal: bool = True,
-                          block_size: int = CAUSAL_BLOCK_SIZE, enabled: jax.Array | bool = True) -> jax.Array:
+                          block_size: int = CAUSAL_BLOCK_SIZE, enabled: jax.Array | bool = True,
+                          kernel: kernels.FusedAttention | None = None, segment_ids: jax.Array | None = None,
+                          sink_len: int = 0) -> jax.Array:
     """Grouped-query attention in which memory heads also read their group's memories (eq. 4 of Memory3).
 
     q: [b, t, h, d]; k, v: [b, kv_len, kv, d] (post-RoPE context); mask: [b, t, kv_len] bool;
@@ -246,9 +273,15 @@ def attention_with_memory(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     of g's non-empty slots (all visible to every token of g; a memory in two slots counts twice) and to the
     context keys its mask allows. The context part is the ordinary (blocked causal) attention; the memory part
     is computed group by group and merged with it by log-sum-exp. Returns [b, t, h, d] in q's dtype.
+
+    kernel: the context part by a fused kernel instead (`mask` unused): causal within `segment_ids` [b, t] after
+    a sink of `sink_len` positions that every query sees, as `Transformer` lays them out.
     """
     qh, kh, vh = _to_head_major(q, k, v)
-    out, lse = _context_attention(qh, kh, vh, mask, causal, block_size)
+    if kernel is not None:
+        out, lse = _fused_context(kernel, qh, kh, vh, segment_ids, sink_len)
+    else:
+        out, lse = _context_attention(qh, kh, vh, mask, causal, block_size)
     if not mem_kv_heads:
         return _from_head_major(out)
     every = tuple(mem_kv_heads) == tuple(range(kh.shape[1]))

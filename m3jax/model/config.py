@@ -31,6 +31,10 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
+    # The context part of attention: "xla" (the reference), "splash" (TPU) or "pallas_gpu" (GPU), see
+    # m3jax.model.kernels; attention_interpret runs a Pallas kernel in the interpreter (CPU tests).
+    attention: str = "xla"
+    attention_interpret: bool = False
     # Memory heads (empty = the plain model): the memory layers, in order (Memory.keys[j] is for layer
     # memory_layers[j]); the KV heads that are memory heads, shared by every memory layer; the longest span of
     # positions one memory group's tokens may cover (Memory3's chunk size); the tokens of a reference after the

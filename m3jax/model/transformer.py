@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m3jax.model import attention as attn_lib
+from m3jax.model import kernels
 from m3jax.model.config import ModelConfig
 from m3jax.model.memory import SINK_SEGMENT, KVCache, Memory, group_memories
 from m3jax.parallel import shard_activation
@@ -84,8 +85,11 @@ class Block(nnx.Module):
         self.w_down = _param(rngs, (n, f, d), ("layers", "mlp", "embed"), out_std)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, mem: dict | None = None,
-                 *, collect_kv: bool = False):
+                 *, collect_kv: bool = False, segment_ids: jax.Array | None = None, sink_len: int = 0):
         """x: [batch, seq, hidden]; cos/sin: [batch, seq, head_dim]; mask: [batch, seq, seq], causal.
+
+        With a fused attention kernel (config `attention`), `segment_ids` [batch, seq] and `sink_len` say the same
+        as `mask` (the first `sink_len` positions are the sink, seen by every token) and `mask` is unused.
 
         mem (memory layers): this layer's memory — keys/values [b, M, mkv, kk, d], index [b, G, S], valid
         [b, M, kk], group [b, seq], enabled (scalar bool). Returns x, or (x, (k, v)) with `collect_kv` (this
@@ -93,12 +97,14 @@ class Block(nnx.Module):
         """
         cfg = self.cfg
         q, k, v = self._qkv(x, cos, sin)
+        kernel = kernels.get(cfg.attention, cfg.attention_interpret) if segment_ids is not None else None
         if mem is None:
-            o = attn_lib.dot_product_attention(q, k, v, mask, causal=True)
+            o = attn_lib.dot_product_attention(q, k, v, mask, causal=True, kernel=kernel, segment_ids=segment_ids)
         else:
             o = attn_lib.attention_with_memory(
                 q, k, v, mask, mem["keys"], mem["values"], mem["index"], mem["valid"], mem["group"],
-                cfg.memory_kv_heads, chunk_size=cfg.memory_chunk_size, causal=True, enabled=mem["enabled"])
+                cfg.memory_kv_heads, chunk_size=cfg.memory_chunk_size, causal=True, enabled=mem["enabled"],
+                kernel=kernel, segment_ids=segment_ids, sink_len=sink_len)
         x = self._out_and_mlp(x, o)
         return (x, (k, v)) if collect_kv else x
 
@@ -168,11 +174,42 @@ class Transformer(nnx.Module):
         model. Logits of the padding rows of the vocabulary (ids >= vocab_size) are set to a large negative
         value, so they take no probability in the loss or in sampling.
         """
+        return self._logits(self.hidden(tokens, positions, segment_ids, memory_group, memory))
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               memory_group: jax.Array | None = None, memory: Memory | None = None) -> jax.Array:
+        """The last block's output [batch, seq, hidden] (compute dtype, before the final norm; the sink dropped):
+        what `__call__` turns into logits and `token_losses` into losses. Arguments as `__call__`."""
         if memory is None:
-            x = self._forward(tokens, positions, attn_lib.attention_mask(segment_ids, segment_ids))
-            return self._logits(x)
+            return self._forward(tokens, positions, attn_lib.attention_mask(segment_ids, segment_ids),
+                                 segment_ids=segment_ids)
         x, _ = self._forward_with_memory(tokens, positions, segment_ids, memory_group, memory)
-        return self._logits(x[:, memory.sink_len:])
+        return x[:, memory.sink_len:]
+
+    def token_losses(self, hidden: jax.Array, targets: jax.Array, chunk_size: int = 0):
+        """(log-sum-exp of the logits, the target's logit), each [batch, seq] float32, from `hidden` (the output of
+        `hidden`) and `targets` [batch, seq] int32.
+
+        chunk_size > 0: the LM head runs over `chunk_size` positions of every row at a time, each chunk's logits
+        recomputed in the backward (`jax.checkpoint`), so the float32 logits [batch, seq, padded_vocab] never
+        exist whole: at most [batch, chunk_size, padded_vocab] at once. The sequence is cut at the largest
+        divisor of it not above chunk_size. 0 = the whole sequence at once.
+        """
+        b, t = targets.shape
+
+        def head(h, tgt):
+            logits = self._logits(h)
+            return (jax.nn.logsumexp(logits, axis=-1),
+                    jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0])
+
+        if chunk_size <= 0 or chunk_size >= t:
+            return head(hidden, targets)
+        chunk = next(c for c in range(chunk_size, 0, -1) if t % c == 0)
+        n = t // chunk
+        hs = hidden.reshape(b, n, chunk, hidden.shape[-1]).swapaxes(0, 1)  # [n, b, chunk, d]: rows stay sharded
+        ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
+        lse, target_logit = jax.lax.map(jax.checkpoint(lambda a: head(*a)), (hs, ts))
+        return lse.swapaxes(0, 1).reshape(b, t), target_logit.swapaxes(0, 1).reshape(b, t)
 
     def prefill(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, memory_group: jax.Array,
                 memory: Memory, max_len: int) -> tuple[jax.Array, KVCache]:
@@ -273,11 +310,12 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.compute_dtype)
         return shard_activation(x, (BATCH, SEQ, EMBED))
 
-    def _forward(self, tokens, positions, mask, memory=None, memory_group=None, collect_kv=False):
+    def _forward(self, tokens, positions, mask, memory=None, memory_group=None, collect_kv=False,
+                 segment_ids=None, sink_len=0):
         cfg = self.cfg
         x = self._embed(tokens)
         cos, sin = attn_lib.rope_frequencies(positions, cfg.head_dim, cfg.rope_base)
-        return self._blocks(x, cos, sin, mask, memory, memory_group, collect_kv)
+        return self._blocks(x, cos, sin, mask, memory, memory_group, collect_kv, segment_ids, sink_len)
 
     def _forward_with_memory(self, tokens, positions, segment_ids, memory_group, memory, collect_kv=False):
         """The sink prepended at [0, p), its own segment, visible to every token; returns the blocks' output."""
@@ -293,7 +331,7 @@ class Transformer(nnx.Module):
         t = tokens.shape[1]
         causal = jnp.tril(jnp.ones((t, t), bool))[None]
         mask = attn_lib.attention_mask(seg, seg) | (causal & (seg == SINK_SEGMENT)[:, None, :])
-        out = self._forward(tokens, positions, mask, memory, group, collect_kv)
+        out = self._forward(tokens, positions, mask, memory, group, collect_kv, segment_ids=seg, sink_len=p)
         return out if collect_kv else (out, None)
 
     def _logits(self, x):
@@ -306,7 +344,8 @@ class Transformer(nnx.Module):
         vocab_ok = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
         return jnp.where(vocab_ok, logits, attn_lib.NEG_INF)
 
-    def _blocks(self, x, cos, sin, mask, memory=None, memory_group=None, collect_kv=False):
+    def _blocks(self, x, cos, sin, mask, memory=None, memory_group=None, collect_kv=False, segment_ids=None,
+                sink_len=0):
         cfg = self.cfg
         graphdef, stacked = nnx.split(self.layers)
         slot_of, is_memory = self._memory_layer_tables()
@@ -319,7 +358,8 @@ class Transformer(nnx.Module):
                 mem = {"keys": memory.keys[j].astype(cfg.compute_dtype),
                        "values": memory.values[j].astype(cfg.compute_dtype), "index": memory.index,
                        "valid": memory.valid, "group": memory_group, "enabled": is_memory[layer]}
-            out = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, mem, collect_kv=collect_kv)
+            out = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, mem, collect_kv=collect_kv,
+                                                   segment_ids=segment_ids, sink_len=sink_len)
             return out if collect_kv else (out, None)
 
         if cfg.remat != "none":

@@ -76,9 +76,15 @@ def tpu_devices(topology_name: str) -> list[jax.Device]:
     saved = os.environ.get("TPU_LIBRARY_PATH")
     if use_extra:
         os.environ["TPU_LIBRARY_PATH"] = extra_library  # read by jax when it loads the plugin, in the call below
+        # The extra is for hosts without TPU chips: nothing to guard, so libtpu's one-process lock
+        # (/tmp/libtpu_lockfile) must not make two concurrent fit checks (two jobs, or a suite's processes) fail.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology_name).devices)
-    except jax.errors.JaxRuntimeError as e:  # libtpu rejects the name
+    except jax.errors.JaxRuntimeError as e:  # libtpu rejects the name, or another process holds it
+        if "lockfile" in str(e):
+            raise TopologyUnavailable(f"libtpu is held by another process, so nothing here compiles for "
+                                      f"{topology_name!r}: {e}") from e
         raise TopologyError(f"unknown TPU topology {topology_name!r} (expected e.g. v5p:4x4x4, v5e:4x4, v6e:2x2, "
                             f"v4:2x2x2): {e}") from e
     except RuntimeError as e:  # jax found no TPU plugin
@@ -131,7 +137,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str) 
         task.stand_in_sink()  # a fit check needs the step's shapes, not the bank or knowledge base behind them
     trainer = Trainer(config, mesh, task)
     report = {"topology": topology_name, "device_kind": devices[0].device_kind, "num_devices": len(devices),
-              "mesh": dict(mesh.shape), "hbm_bytes": hbm}
+              "mesh": dict(mesh.shape), "hbm_bytes": hbm, "attention": str(config.model.attention)}
     t0 = time.perf_counter()
     lowered = trainer.lower_train_step(trainer.abstract_state(), trainer.abstract_batch())
     try:
@@ -145,6 +151,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str) 
             report.update(required_bytes=_bytes(m["need"], m["nu"]), available_bytes=_bytes(m["have"], m["hu"]))
         return report
     report["compile_seconds"] = round(time.perf_counter() - t0, 1)
+    # Pallas kernels (config.model.attention='splash') are lowered to Mosaic custom calls of the program.
+    report["pallas_kernel_calls"] = lowered.as_text().count("@tpu_custom_call")
     stats = compiled.memory_analysis()
     report.update(
         argument_bytes=stats.argument_size_in_bytes,
@@ -169,7 +177,8 @@ def analytic_memory(config: ml_collections.ConfigDict, num_devices: int) -> dict
       its float32 gradient before the reduce-scatter (over the tensor axis only);
     - activations, per device for one micro-batch: what the backward keeps of every layer under the remat policy
       (`full`: the layer input; `dots`: the matmul outputs; `none`: everything), plus the larger of one layer's
-      working set in the backward and the float32 logits with their gradient.
+      working set in the backward and the float32 logits of one loss chunk
+      (`loss.chunk_size` positions of every row) with their gradient; no attention probabilities with a fused kernel.
 
     The activation term is rough (it ignores fusion and XLA's buffer reuse; on memory3_2b it is within ~±30% of
     the compiled figure): trust `compile_for_topology` for the verdict.
@@ -203,7 +212,8 @@ def analytic_memory(config: ml_collections.ConfigDict, num_devices: int) -> dict
     tokens = seqs * seq_len
     # Causal attention keeps float32 probabilities over the keys up to each query block (about half of T²).
     keys = (seq_len + CAUSAL_BLOCK_SIZE) / 2 if seq_len > CAUSAL_BLOCK_SIZE else seq_len
-    probs = 4 * seqs * cfg.num_heads / t * seq_len * keys
+    # A fused kernel (config.model.attention) keeps O(seq) statistics instead.
+    probs = 4 * seqs * cfg.num_heads / t * seq_len * keys if cfg.attention == "xla" else 0
     # Everything a layer's backward reads: residuals and norms (float32 inside RMSNorm), q/k/v/attention output,
     # the MLP's gate/up/activation, and the attention probabilities.
     layer_working = tokens * (dt * (4 * d + 2 * q_width + 2 * kv_width + 3 * f / t) + 4 * 2 * d) + probs
@@ -212,7 +222,8 @@ def analytic_memory(config: ml_collections.ConfigDict, num_devices: int) -> dict
         "full": tokens * dt * d,
         "dots": tokens * dt * (q_width + 2 * kv_width + 2 * d + 2 * f / t),
     }[cfg.remat]
-    logits = 2 * 4 * tokens * vocab / t
+    chunk = int(config.loss.chunk_size)
+    logits = 2 * 4 * seqs * min(chunk or seq_len, seq_len) * vocab / t  # one chunk's float32 logits and gradient
     activations = cfg.num_layers * saved_per_layer + max(0 if cfg.remat == "none" else layer_working, logits)
     total = state + grads + gathered + activations
     return {k: int(v) for k, v in {

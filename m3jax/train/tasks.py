@@ -53,6 +53,19 @@ def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss:
     """Weighted sums over tokens: (cross-entropy + z_loss·lse², cross-entropy, weight). All float32."""
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return token_loss_sums(lse, target_logit, weights, z_loss)
+
+
+def model_loss_sums(model: Transformer, hidden: jax.Array, batch: dict[str, jax.Array],
+                    config: ml_collections.ConfigDict):
+    """`loss_sums` of the model's last hidden states against the batch's targets, the LM head in chunks of
+    `config.loss.chunk_size` positions (`Transformer.token_losses`)."""
+    lse, target_logit = model.token_losses(hidden, batch["targets"], int(config.loss.chunk_size))
+    return token_loss_sums(lse, target_logit, batch["loss_weights"].astype(jnp.float32), float(config.loss.z_loss))
+
+
+def token_loss_sums(lse: jax.Array, target_logit: jax.Array, weights: jax.Array, z_loss: float):
+    """`loss_sums` from each token's log-sum-exp and target logit."""
     nll = (lse - target_logit) * weights
     total = nll + z_loss * jnp.square(lse) * weights if z_loss else nll
     return jnp.sum(total), jnp.sum(nll), jnp.sum(weights)
@@ -102,9 +115,8 @@ class LmTask(Task):
         return {name: Field(shape, np.int32, ("batch", "seq")) for name in self.FIELDS}
 
     def loss(self, model, batch):
-        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-        return loss_sums(logits, batch["targets"], batch["loss_weights"].astype(jnp.float32),
-                         float(self.config.loss.z_loss))
+        hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+        return model_loss_sums(model, hidden, batch, self.config)
 
     def train_iterator(self, process_index, process_count):
         d = self.config.data
@@ -200,23 +212,20 @@ class MemoryTask(LmTask):
         return Memory.from_rows(rows, batch["memory_index"], valid, sink)
 
     def loss(self, model, batch):
-        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], batch["memory_group"],
-                       self.memory(model, batch))
-        return loss_sums(logits, batch["targets"], batch["loss_weights"].astype(jnp.float32),
-                         float(self.config.loss.z_loss))
+        hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], batch["memory_group"],
+                              self.memory(model, batch))
+        return model_loss_sums(model, hidden, batch, self.config)
 
     def eval_sums(self, model, batch):
         """The loss with memory, and on the same batches and weights: with every memory slot empty (the sink and
         positions kept: what the memories themselves add) and with memory off (the plain model, positions from 0:
         what the memory-reading model does without its memory input)."""
-        z_loss = float(self.config.loss.z_loss)
-        targets, weights = batch["targets"], batch["loss_weights"].astype(jnp.float32)
         out = {"loss": self.loss(model, batch)[1:]}
         empty = {**batch, "memory_index": jnp.full_like(batch["memory_index"], -1)}
         out["loss_empty_memory"] = self.loss(model, empty)[1:]
         start = self.model_cfg.context_start(len(self.sink_tokens()))
-        logits = model(batch["inputs"], batch["positions"] - start, batch["segment_ids"])
-        out["loss_memory_off"] = loss_sums(logits, targets, weights, z_loss)[1:]
+        hidden = model.hidden(batch["inputs"], batch["positions"] - start, batch["segment_ids"])
+        out["loss_memory_off"] = model_loss_sums(model, hidden, batch, self.config)[1:]
         return out
 
     # ------------------------------------------------------------------------------------------- data

@@ -2,6 +2,7 @@
 
     python tools/bench/train_step_mfu.py [--layers=8 --hidden=1024 --seq=512 --batch=8 --steps=3] [--breakdown]
     python tools/bench/train_step_mfu.py --dtype=bfloat16 ...   # on a GPU/TPU: MFU against the chip's bf16 peak
+    python tools/bench/train_step_mfu.py --dtype=bfloat16 --attention=pallas_gpu ...   # a fused kernel (GPU)
 
 Both steps are timed on the same machine, back to back; MFU uses the one FLOPs formula (m3jax.train.flops)
 against the best float32 2048³ matmul rate measured in this process, so the ratio cannot move by changing the
@@ -41,6 +42,9 @@ _SEQ = flags.DEFINE_integer("seq", 512, "sequence length")
 _BATCH = flags.DEFINE_integer("batch", 8, "batch size")
 _STEPS = flags.DEFINE_integer("steps", 3, "timed steps per model (after one compile step)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of both models")
+_ATTENTION = flags.DEFINE_enum("attention", "xla", ["xla", "splash", "pallas_gpu"],
+                                "m3jax's context attention (config.model.attention): splash on TPU, pallas_gpu on GPU")
+_CHUNK = flags.DEFINE_integer("loss_chunk", 512, "m3jax's config.loss.chunk_size (0 = the whole sequence at once)")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "also time forward, forward+backward and update separately")
 
 
@@ -48,7 +52,8 @@ def bench_config():
     c = base_config()
     c.model.update(vocab_size=_VOCAB.value, vocab_multiple=128, num_layers=_LAYERS.value, hidden_size=_HIDDEN.value,
                    num_heads=_HEADS.value, num_kv_heads=_KV_HEADS.value, head_dim=_HIDDEN.value // _HEADS.value,
-                   mlp_dim=_MLP.value, dtype=_DTYPE.value)
+                   mlp_dim=_MLP.value, dtype=_DTYPE.value, attention=_ATTENTION.value)
+    c.loss.chunk_size = _CHUNK.value
     c.data.seq_len, c.data.global_batch_size = _SEQ.value, _BATCH.value
     c.train.num_steps = 1000
     c.mesh.update(data=1, fsdp=1, tensor=1)
