@@ -175,9 +175,17 @@ ENTITY_RUN = ("--num_entities=400", "--num_attributes=2", "--mix_ratio=0.8", "--
 # The fit check of configs/memory3_2b.py compiled for a v5p-128 slice (test_aot): 2-3.5 minutes of the TPU compiler
 # (libtpu from .venv/tpu-extra), on one CPU device, as a user's dry run has it.
 TPU_FIT_2B = ("-m", "m3jax.train", "--config=configs/memory3_2b.py", "--dry_run", "--topology=v5p:4x4x4")
+# configs/continued.py with a 2-layer model compiled for v5p:2x2x1 in each memory mode (test_aot): under a minute each.
+SMALL_CONTINUED = ("--config.model.num_layers=2", "--config.model.hidden_size=256", "--config.model.num_heads=4",
+                   "--config.model.num_kv_heads=2", "--config.model.head_dim=64", "--config.model.mlp_dim=512",
+                   "--config.model.vocab_size=4096", "--config.data.seq_len=512", "--config.data.global_batch_size=8")
+TPU_FIT_CONTINUED = ("-m", "m3jax.train", "--config=configs/continued.py", "--dry_run", "--topology=v5p:2x2x1",
+                     *SMALL_CONTINUED)
 BACKGROUND = {  # fixture name -> (CPU devices, the arguments after the interpreter, run from the repository root)
     "entity_run": (2, lambda root: ("tools/bench/stage2_entities.py", f"--workdir={root / 'bench'}", *ENTITY_RUN)),
     "memory3_2b_fit": (1, lambda root: TPU_FIT_2B),
+    "continued_fit_bank": (1, lambda root: (*TPU_FIT_CONTINUED, "--config.retrieval.mode=bank")),
+    "continued_fit_online": (1, lambda root: (*TPU_FIT_CONTINUED, "--config.retrieval.mode=online")),
 }
 _background: dict[str, dict] = {}
 
@@ -246,6 +254,18 @@ def entity_run():
 def memory3_2b_fit() -> subprocess.CompletedProcess:
     """The TPU_FIT_2B dry run, finished: its exit status, its JSON report (stdout) and stderr."""
     return join_background("memory3_2b_fit")
+
+
+@pytest.fixture(scope="session")
+def continued_fit_bank() -> subprocess.CompletedProcess:
+    """The TPU_FIT_CONTINUED dry run in bank mode, finished."""
+    return join_background("continued_fit_bank")
+
+
+@pytest.fixture(scope="session")
+def continued_fit_online() -> subprocess.CompletedProcess:
+    """The TPU_FIT_CONTINUED dry run in online mode, finished."""
+    return join_background("continued_fit_online")
 
 
 # Resume, preemption and fault tests (test_train, test_ops, test_multiprocess, test_launch): the settings shared by

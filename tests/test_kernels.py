@@ -142,28 +142,29 @@ def assert_same(got, ref, what: str):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_model_with_fused_attention_equals_xla_path(impl):
-    """Logits and parameter gradients, plain (packed) and reading memory with the sink, memory heads on KV head 1
-    of 2 in layer 0 of 2 (GQA: 4 query heads)."""
+    """Logits and parameter gradients reading memory with the sink, packed segments, memory heads on KV head 1 of 2
+    in layer 0 of 2 (GQA: 4 query heads). (The plain model's kernel path: the kernel test above, and for splash the
+    sharded train step below.)"""
     base = dict(memory_layers=(0,), memory_kv_heads=(1,), memory_chunk_size=32)
     xla, fused = model_config(**base), model_config(**base, attention=impl, attention_interpret=True)
     params = random_params(xla, 3)
     tokens, pos, seg, group, memory = memory_inputs(xla, np.random.default_rng(4), b=2, t=128)
     with_memory = logits_and_grads(xla, params, tokens, pos, seg, group, memory)
     assert_same(logits_and_grads(fused, params, tokens, pos, seg, group, memory), with_memory, f"{impl}, memory")
-    plain = logits_and_grads(xla, params, tokens, pos, seg)
-    assert_same(logits_and_grads(fused, params, tokens, pos, seg), plain, f"{impl}, plain")
-    assert np.abs(with_memory[0] - plain[0]).max() > 0.05  # the memory and the sink matter: not a vacuous check
+    plain = np.asarray(params_lib.model_from(xla, params)(tokens, pos, seg))[..., :xla.vocab_size]
+    assert np.abs(with_memory[0] - plain).max() > 0.05  # the memory and the sink matter: not a vacuous check
 
 
+@pytest.mark.slow
 def test_sharded_fused_attention_equals_single_device():
     """The warm-up train step with splash on a (data 2, fsdp 2, tensor 2) mesh == the single-device XLA step; the
     memory forward and gradients with splash under that mesh (rules active) == the single-device XLA ones."""
     config = tiny_config(attention="splash", attention_interpret=True)
     config.data.seq_len = 128
     config.data.global_batch_size = 4
-    sharded = run_steps(config, dict(data=2, fsdp=2, tensor=2), None, steps=2)
+    sharded = run_steps(config, dict(data=2, fsdp=2, tensor=2), None, steps=1)
     config.model.update(attention="xla", attention_interpret=False)
-    assert_same_training(sharded, run_steps(config, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], steps=2))
+    assert_same_training(sharded, run_steps(config, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], steps=1))
 
     base = dict(memory_layers=(0, 1), memory_kv_heads=(0, 1), memory_chunk_size=32)
     xla, fused = model_config(**base), model_config(**base, attention="splash", attention_interpret=True)
