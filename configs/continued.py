@@ -5,7 +5,8 @@ and schedule), at a smaller peak learning rate, with every 64-token chunk readin
 reference and the previous 4 chunks' (the paper layout, 1 reference per chunk). The references are encoded in every
 step by the parameters being trained, through the memory layers only (`retrieval.mode="online"`, the paper's way),
 and the loss is differentiated through that encoding (`memory.encode_grad=True`: a sparse writer learns what to
-keep only so, tests/test_memory_learning.py; per device 77.8 GiB of a v5p-128 chip's 95 with it, 45.8 without);
+keep only so, tests/test_memory_learning.py; per device 77.8 GiB of a v5p-128 chip's 95 with it, 45.8 without,
+measured before the fused attention and the chunked loss);
 `retrieval.mode="bank"` reads memories a checkpoint wrote with tools/write_memory.py instead (`memory.bank`).
 
     launch/tpu_pod.sh configs/continued.py --config.init_from=gs://.../warmup/checkpoints \\
