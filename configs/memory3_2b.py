@@ -24,7 +24,7 @@ def get_config():
         rope_base=10000.0,
         dtype="bfloat16",
         remat="full",
-        attention="splash",  # Pallas splash attention on TPU (m3jax/model/kernels.py); "xla" on other backends
+        attention="auto",  # Pallas splash attention on TPU (m3jax/model/kernels.py), xla elsewhere
     )
     c.data.seq_len = 2048
     c.data.global_batch_size = 2048  # ~4M tokens per batch, as the paper

@@ -283,13 +283,13 @@ def load_model(path: str | os.PathLike, config=None, *, mesh: Mesh | None = None
             with config.unlocked():
                 config.model.vocab_size = int(saved["model"]["vocab_size"])
         check_architecture(config.model, saved, where)
-        model_cfg = ModelConfig.from_config(config.model, config.memory)
+        model_cfg = ModelConfig.from_config(config.model, config.memory, attention_fallback=True)
         rules = config.logical_axis_rules
     else:
         memory = saved.get("memory")
         # A config saved before memory.heads existed: its memory section still describes the geometry.
         memory = {**memory, "heads": memory.get("heads", True)} if memory else None
-        model_cfg = ModelConfig.from_config(saved["model"], memory)
+        model_cfg = ModelConfig.from_config(saved["model"], memory, attention_fallback=True)
         rules = saved.get("logical_axis_rules", parallel.DEFAULT_LOGICAL_AXIS_RULES)
     params = load_params(step_dir, params_lib.abstract_on_mesh(model_cfg, mesh, rules))
     return LoadedModel(params=params, model_config=model_cfg, saved_config=saved, step_dir=step_dir,

@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.scan_layers = True
     # The context part of attention (m3jax/model/kernels.py): "xla" (the reference, any backend), "splash"
     # (Pallas splash attention, TPU) or "pallas_gpu" (Pallas flash attention, GPU). Memory stays exact with each.
-    m.attention = "xla"
+    m.attention = "auto"  # splash on TPU, xla elsewhere
     m.attention_interpret = False  # run a Pallas kernel in the interpreter (slow; CPU tests)
 
     # Explicit memory (Memory3, docs/memory.md). Two settings: whether the model *has* memory heads (its geometry:

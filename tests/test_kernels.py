@@ -182,9 +182,30 @@ def test_sharded_fused_attention_equals_single_device():
     assert_same(got, ref, "splash under a mesh")
 
 
+def test_auto_resolves_per_platform_and_a_kernel_of_another_platform_is_named():
+    assert [kernels.resolve("auto", p) for p in ("tpu", "gpu", "cpu")] == ["splash", "xla", "xla"]
+    assert kernels.resolve("pallas_gpu", "gpu") == "pallas_gpu" and kernels.resolve("splash", "cpu", True) == "splash"
+    with pytest.raises(ValueError, match=r"config.model.attention='splash' is a TPU kernel, but this job runs on gpu"):
+        ModelConfig.from_config(tiny_config(attention="splash").model, platform="gpu")
+    # An evaluation of a checkpoint trained with splash, on this CPU: the XLA path.
+    cfg = ModelConfig.from_config(tiny_config(attention="splash").model, attention_fallback=True)
+    assert cfg.attention == "xla"
+    assert ModelConfig.from_config(tiny_config().model).attention == "xla"  # the default, "auto", on CPU
+
+
+def test_a_sequence_the_kernel_does_not_take_runs_the_xla_path():
+    """A 40-token prompt (not a multiple of 128) with splash configured: the XLA path, the same logits."""
+    fused, xla = model_config(attention="splash", attention_interpret=True), model_config()
+    params = random_params(xla, 8)
+    rng = np.random.default_rng(8)
+    tokens, pos, seg = rng.integers(0, 300, (2, 40)), np.tile(np.arange(40), (2, 1)), np.ones((2, 40), np.int32)
+    np.testing.assert_array_equal(np.asarray(params_lib.model_from(fused, params)(tokens, pos, seg)),
+                                  np.asarray(params_lib.model_from(xla, params)(tokens, pos, seg)))
+
+
 def test_bad_attention_settings_are_named():
     config = tiny_config(attention="flash")
-    with pytest.raises(ConfigError, match=r"config.model.attention: must be one of \('xla', 'splash'"):
+    with pytest.raises(ConfigError, match=r"config.model.attention: must be one of \('auto', 'xla', 'splash'"):
         validate(config)
     kernel = kernels.get("splash", interpret=True)
     q = jnp.zeros((1, 1, 1, 96, 16))
@@ -204,3 +225,12 @@ def test_the_xla_reference_is_what_the_kernels_are_checked_against():
     ref_out, ref_lse = numpy_attention_lse(q, k, v, seg)
     np.testing.assert_allclose(np.asarray(out), ref_out, atol=2e-5)
     np.testing.assert_allclose(np.asarray(lse), ref_lse, atol=2e-5)
+
+
+def test_a_training_sequence_the_kernel_does_not_take_is_refused_up_front():
+    from m3jax.train.step import Trainer
+
+    config = tiny_config(attention="splash", attention_interpret=True)  # data.seq_len = 32
+    with pytest.raises(ConfigError, match=r"config.data.seq_len: 32 is not a multiple of 128, which "
+                                          r"config.model.attention='splash' \(splash on cpu\) needs"):
+        Trainer(config, make_mesh(config.mesh, jax.devices()[:1]))

@@ -31,8 +31,9 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
-    # The context part of attention: "xla" (the reference), "splash" (TPU) or "pallas_gpu" (GPU), see
-    # m3jax.model.kernels; attention_interpret runs a Pallas kernel in the interpreter (CPU tests).
+    # The context part of attention: "xla" (the reference), "splash" (TPU), "pallas_gpu" (GPU) or "auto" (resolved
+    # when the model is built: `from_config`), see m3jax.model.kernels; attention_interpret runs a Pallas kernel in
+    # the interpreter (CPU tests).
     attention: str = "xla"
     attention_interpret: bool = False
     # Memory heads (empty = the plain model): the memory layers, in order (Memory.keys[j] is for layer
@@ -47,11 +48,24 @@ class ModelConfig:
     memory_k: int = 8
 
     @classmethod
-    def from_config(cls, model_cfg: Mapping[str, Any], memory_cfg: Mapping[str, Any] | None = None) -> ModelConfig:
+    def from_config(cls, model_cfg: Mapping[str, Any], memory_cfg: Mapping[str, Any] | None = None, *,
+                    platform: str | None = None, attention_fallback: bool = False) -> ModelConfig:
         """From `config.model`, and the memory geometry of `config.memory` when given with `heads` set (ConfigDicts,
-        or the dicts saved with a checkpoint). Every job builds its model config this way."""
+        or the dicts saved with a checkpoint). Every job builds its model config this way.
+
+        `attention` is resolved for `platform` (default: this process's backend; `m3jax.model.kernels.resolve`):
+        "auto" becomes splash on TPU and xla elsewhere; a kernel of another platform is an error, or with
+        `attention_fallback` (evaluating a checkpoint trained elsewhere) the XLA path."""
+        from m3jax.model import kernels
+
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in dict(model_cfg).items() if k in fields}
+        if "attention" in kwargs:
+            import jax
+
+            kwargs["attention"] = kernels.resolve(kwargs["attention"], platform or jax.default_backend(),
+                                                  bool(kwargs.get("attention_interpret", False)),
+                                                  fallback=attention_fallback)
         if memory_cfg is not None and memory_cfg["heads"]:
             kwargs.update(memory_layers=resolve_memory_layers(memory_cfg["layers"], model_cfg["num_layers"]),
                           memory_kv_heads=resolve_memory_kv_heads(memory_cfg["kv_heads"], model_cfg["num_kv_heads"]),

@@ -1,8 +1,13 @@
 """Fused (Pallas) attention kernels for the context part of attention, chosen by `config.model.attention`.
 
+    auto        splash on TPU, xla elsewhere (the default)
     xla         the reference: `m3jax.model.attention.attention_core` (logits materialised per query block)
     splash      TPU: Pallas splash attention (jax.experimental.pallas.ops.tpu.splash_attention)
     pallas_gpu  GPU: the Pallas (Triton) flash attention of jax.experimental.pallas.ops.gpu.attention
+
+`resolve` turns the setting into what a job on a given platform runs (`ModelConfig.from_config` does it for every
+job). A sequence a kernel does not take (splash: a multiple of 128; e.g. a prompt being prefilled) runs the XLA
+path; a training job checks its `data.seq_len` up front (`m3jax.train.step.Trainer`).
 
 A kernel computes causal attention within packed segments (query i sees key j <= i of its own segment; padding,
 segment 0, sees padding) in the head-major layout of `m3jax.model.attention`: q [b, kv, g, t, d], k, v
@@ -36,7 +41,9 @@ import jax.numpy as jnp
 
 from m3jax.parallel import active_rules, logical_to_spec
 
-IMPLEMENTATIONS = ("xla", "splash", "pallas_gpu")
+KERNEL_PLATFORMS = {"splash": "tpu", "pallas_gpu": "gpu"}  # the platform each fused kernel runs on
+IMPLEMENTATIONS = ("auto", "xla", *KERNEL_PLATFORMS)  # auto: splash on TPU, xla elsewhere
+SEQ_MULTIPLES = {"splash": 128, "pallas_gpu": 16}  # a kernel's sequence must be a multiple of this
 SPLASH_HEAD_DIM_MULTIPLE = 128  # TPU lanes: head_dim is zero-padded to a multiple of this (exact: adds 0 to q·k)
 SPLASH_MAX_BLOCK = 512
 GPU_MAX_BLOCK = 128
@@ -61,8 +68,12 @@ class FusedAttention:
     interpret: bool = False
 
     def __post_init__(self):
-        if self.impl not in IMPLEMENTATIONS[1:]:
-            raise ValueError(f"unknown fused attention {self.impl!r}: expected one of {IMPLEMENTATIONS[1:]}")
+        if self.impl not in KERNEL_PLATFORMS:
+            raise ValueError(f"unknown fused attention {self.impl!r}: expected one of {tuple(KERNEL_PLATFORMS)}")
+
+    def supports(self, seq_len: int) -> bool:
+        """Whether the kernel takes a sequence of `seq_len` positions (else the caller uses the XLA path)."""
+        return seq_len % SEQ_MULTIPLES[self.impl] == 0
 
     def __call__(self, q, k, v, segment_ids, *, with_lse: bool):
         """out [b, kv, g, t, d] in q's dtype, and with `with_lse` the natural-log LSE [b, kv, g, t] float32."""
@@ -70,8 +81,29 @@ class FusedAttention:
         return fn(q, k, v, segment_ids, with_lse=with_lse, interpret=self.interpret)
 
 
+def resolve(requested: str, platform: str, interpret: bool = False, *, fallback: bool = False) -> str:
+    """The attention a job on `platform` ("cpu", "gpu", "tpu") runs for `config.model.attention=requested`.
+
+    "auto" is splash on TPU and the XLA path elsewhere. An explicit kernel on another platform is an error naming
+    the key (a training job would silently run slower), unless it runs in the interpreter, or with `fallback` (an
+    evaluation of a checkpoint trained elsewhere: the XLA path computes the same attention)."""
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(f"config.model.attention={requested!r}: expected one of {IMPLEMENTATIONS}")
+    if requested == "auto":
+        return "splash" if platform == "tpu" else "xla"
+    if requested == "xla" or interpret or KERNEL_PLATFORMS[requested] == platform:
+        return requested
+    if fallback:
+        return "xla"
+    raise ValueError(f"config.model.attention={requested!r} is a {KERNEL_PLATFORMS[requested].upper()} kernel, but "
+                     f"this job runs on {platform}: use 'auto' (splash on TPU, xla elsewhere), 'xla', or the "
+                     f"kernel of {platform}")
+
+
 def get(impl: str, interpret: bool = False) -> FusedAttention | None:
-    """The kernel for `config.model.attention` (None for the XLA reference)."""
+    """The kernel for a resolved `config.model.attention` (None for the XLA reference; "auto" is resolved for
+    this process's default backend)."""
+    impl = resolve(impl, jax.default_backend(), interpret, fallback=True) if impl == "auto" else impl
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"config.model.attention={impl!r}: expected one of {IMPLEMENTATIONS}")
     return None if impl == "xla" else FusedAttention(impl, bool(interpret))
@@ -82,7 +114,7 @@ def _splash_kernel(t: int, group: int, with_lse: bool, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    bq = _block(t, SPLASH_MAX_BLOCK, "splash attention", 128)
+    bq = _block(t, SPLASH_MAX_BLOCK, "splash attention", SEQ_MULTIPLES["splash"])
     sizes = sk.BlockSizes(block_q=bq, block_kv=bq, block_kv_compute=bq, block_q_dkv=bq, block_kv_dkv=bq,
                           block_kv_dkv_compute=bq, block_q_dq=bq, block_kv_dq=bq)
     mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(group)])
@@ -117,7 +149,7 @@ def _pallas_gpu(q, k, v, segment_ids, *, with_lse: bool, interpret: bool):
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
     b, kv, g, t, d = q.shape
-    bq = _block(t, GPU_MAX_BLOCK, "pallas_gpu attention", 16)
+    bq = _block(t, GPU_MAX_BLOCK, "pallas_gpu attention", SEQ_MULTIPLES["pallas_gpu"])
     bb = min(bq, 32)
     sizes = gpu_attention.BlockSizes(block_q=bq, block_k=bq, block_q_dkv=bb, block_kv_dkv=bb, block_q_dq=bb,
                                      block_kv_dq=bb)

@@ -98,6 +98,8 @@ class Block(nnx.Module):
         cfg = self.cfg
         q, k, v = self._qkv(x, cos, sin)
         kernel = kernels.get(cfg.attention, cfg.attention_interpret) if segment_ids is not None else None
+        if kernel is not None and not kernel.supports(x.shape[1] - sink_len):
+            kernel = None  # e.g. a prompt of any length: the XLA path computes the same attention
         if mem is None:
             o = attn_lib.dot_product_attention(q, k, v, mask, causal=True, kernel=kernel, segment_ids=segment_ids)
         else:

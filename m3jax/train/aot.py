@@ -137,7 +137,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str) 
         task.stand_in_sink()  # a fit check needs the step's shapes, not the bank or knowledge base behind them
     trainer = Trainer(config, mesh, task)
     report = {"topology": topology_name, "device_kind": devices[0].device_kind, "num_devices": len(devices),
-              "mesh": dict(mesh.shape), "hbm_bytes": hbm, "attention": str(config.model.attention)}
+              "mesh": dict(mesh.shape), "hbm_bytes": hbm, "attention": trainer.model_cfg.attention}
     t0 = time.perf_counter()
     lowered = trainer.lower_train_step(trainer.abstract_state(), trainer.abstract_batch())
     try:
@@ -167,7 +167,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str) 
     return report
 
 
-def analytic_memory(config: ml_collections.ConfigDict, num_devices: int) -> dict:
+def analytic_memory(config: ml_collections.ConfigDict, num_devices: int, platform: str | None = None) -> dict:
     """A rough per-device memory estimate of a train step on `num_devices`, in bytes, without a compiler.
 
     - state: float32 parameters and the two AdamW moments, each leaf sharded as the config's logical axis rules
@@ -183,7 +183,7 @@ def analytic_memory(config: ml_collections.ConfigDict, num_devices: int) -> dict
     The activation term is rough (it ignores fusion and XLA's buffer reuse; on memory3_2b it is within ~±30% of
     the compiled figure): trust `compile_for_topology` for the verdict.
     """
-    cfg = ModelConfig.from_config(config.model, config.memory)
+    cfg = ModelConfig.from_config(config.model, config.memory, platform=platform)  # platform: the attention run
     mesh = parallel.mesh_shape(config.mesh, num_devices)
     rules = tuple(tuple(r) for r in config.logical_axis_rules)
     params, specs = params_lib.abstract_params(cfg), params_lib.param_specs(cfg)
@@ -268,7 +268,7 @@ def fit_report(config: ml_collections.ConfigDict, topology_name: str | None) -> 
     validate(config, num_devices=num_devices)
     report = {
         "analytic_num_devices": num_devices,
-        "analytic_memory_per_device_bytes": analytic_memory(config, num_devices),
+        "analytic_memory_per_device_bytes": analytic_memory(config, num_devices, "tpu" if topology_name else None),
     }
     if compiled is None:
         return {**report, "compiled_check": f"skipped: {skipped}", "fits": None}

@@ -17,7 +17,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from m3jax import parallel
-from m3jax.model import ModelConfig
+from m3jax.config import ConfigError
+from m3jax.model import ModelConfig, kernels
 from m3jax.model import params as params_lib
 from m3jax.train.optimizer import lr_schedule, make_optimizer
 from m3jax.train.tasks import Task, task_for
@@ -40,7 +41,13 @@ class Trainer:
         self.mesh = mesh
         self.task = task or task_for(config)
         self.rules = tuple(tuple(r) for r in config.logical_axis_rules)
-        self.model_cfg = ModelConfig.from_config(config.model, config.memory)
+        platform = mesh.devices.flat[0].platform  # "tpu" for a TPU topology compiled ahead of time, too
+        self.model_cfg = ModelConfig.from_config(config.model, config.memory, platform=platform)
+        kernel = kernels.get(self.model_cfg.attention, self.model_cfg.attention_interpret)
+        if kernel is not None and not kernel.supports(int(config.data.seq_len)):
+            raise ConfigError(f"config.data.seq_len: {config.data.seq_len} is not a multiple of "
+                              f"{kernels.SEQ_MULTIPLES[kernel.impl]}, which config.model.attention="
+                              f"{config.model.attention!r} ({kernel.impl} on {platform}) needs")
         self.num_steps = int(config.train.num_steps)
         self.optimizer = make_optimizer(config.optimizer, self.num_steps)
         self.schedule = lr_schedule(config.optimizer, self.num_steps)
