@@ -4,34 +4,24 @@ where each invocation of the trainer started (a resumed run has one line per res
     python tools/summarize_run.py --workdir=runs/demo/train
 """
 
-import json
 import sys
 
 from absl import app, flags
-from etils import epath
+
+from m3jax.train.metrics import read_metrics
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (a local path or a gs:// URL).", required=True)
 
 
 def main(argv):
     del argv
-    path = epath.Path(_WORKDIR.value) / "metrics.jsonl"
-    if not path.exists():
-        sys.exit(f"summarize_run: {path} does not exist")
-    splits: dict[str, dict[int, dict]] = {}
-    starts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            rec = json.loads(line)
-            split, step = rec["split"], rec["step"]
-        except (ValueError, KeyError, TypeError) as e:
-            sys.exit(f"summarize_run: {path} line {n} is not a metrics record ({e!r})")
-        if split == "start":
-            starts.append(rec)
-        splits.setdefault(split, {})[step] = rec  # a replayed step's later line wins
+    try:
+        splits, starts = read_metrics(_WORKDIR.value)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"summarize_run: {e}")
     train = splits.get("train", {})
     if not train:
-        sys.exit(f"summarize_run: {path} has no train records")
+        sys.exit(f"summarize_run: {_WORKDIR.value}/metrics.jsonl has no train records")
     for rec in starts:
         print(f"invocation started at step {rec['step']}" + (" (resumed from its checkpoint)" if rec["resumed"]
                                                               else " (fresh)"))

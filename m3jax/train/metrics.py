@@ -116,3 +116,25 @@ class MetricWriter:
             self._tb.close()
             if not self._local:
                 _EVENT_FILES.raise_failure(self._tb_dir)
+
+
+def read_metrics(workdir: str) -> tuple[dict[str, dict[int, dict]], list[dict]]:
+    """A run's WORKDIR/metrics.jsonl (local or gs://) as ({split: {step: record}}, the `start` records in order).
+
+    A step logged twice (a resumed run replays the steps after its checkpoint) keeps its later record. Raises
+    FileNotFoundError naming the file when it is missing and ValueError naming the line that is not a record."""
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    splits: dict[str, dict[int, dict]] = {}
+    starts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            split, step = rec["split"], rec["step"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} line {n} is not a metrics record ({e!r})") from None
+        if split == "start":
+            starts.append(rec)
+        splits.setdefault(split, {})[step] = rec
+    return splits, starts
