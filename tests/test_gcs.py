@@ -166,14 +166,15 @@ def test_bank_in_a_bucket_equals_the_local_one(lm_data, gcs, tmp_path):
 @pytest.mark.slow
 def test_a_run_killed_mid_save_in_a_bucket_resumes_exactly(lm_data, reference_run, gcs, tmp_path):
     """The trainer CLI with a gs:// workdir, SIGKILLed while Orbax writes step 6's checkpoint to the bucket: step 3
-    stays the last committed one (step 6 has objects there but no commit marker, and is not taken for a
-    checkpoint); rerun, the trainer resumes from step 3, every loss equals the uninterrupted local run's bit for
-    bit, and step 6 is written again whole."""
+    stays the last committed one (step 6 has no commit marker: whatever of it reached the bucket is not taken for
+    a checkpoint); rerun, the trainer resumes from step 3, every loss equals the uninterrupted local run's bit for
+    bit, and step 6 is written again whole. A step with every object but the marker: checkpoint 12 below."""
     run = epath.Path(f"{gcs}/run")
     killed = train_cli(run, lm_data, *REFERENCE_FLAGS, fault="kill_after_save_begins:6")
     _, err = killed.communicate(timeout=600)
     assert killed.returncode == -signal.SIGKILL, err[-3000:]
-    assert _listing(run / "checkpoints") == ["3", "6"]
+    # Orbax writes asynchronously: at the kill, step 6's first objects may or may not have reached the bucket.
+    assert _listing(run / "checkpoints") in (["3"], ["3", "6"])
     assert (run / "checkpoints/3/commit_success.txt").exists()
     assert not (run / "checkpoints/6/commit_success.txt").exists()
 
