@@ -310,6 +310,19 @@ def reference_run(lm_data, tmp_path_factory):
     return {"workdir": workdir, "losses": summary["losses"]}
 
 
+def assert_index_file_damage_is_named(data, load, damaged: str) -> None:
+    """One flipped byte of an index file `data` (ScaNN would load it and return wrong neighbours), then the file
+    gone: `load()` raises naming each (`damaged`: the expected message of the first, a regex)."""
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=damaged):
+        load()
+    data.unlink()
+    with pytest.raises(ValueError, match=f"index file {data} is missing"):
+        load()
+
+
 def committed_steps(workdir) -> list[int]:
     """The checkpoint steps a run directory holds, committed ones only (Orbax's temporary directories left out)."""
     return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())

@@ -8,7 +8,7 @@ import tempfile
 
 import numpy as np
 import pytest
-from conftest import RETRIEVE_BLOCK_RECORDS, run_tool
+from conftest import RETRIEVE_BLOCK_RECORDS, assert_index_file_damage_is_named, run_tool
 from etils import epath
 from test_index import EMBEDDER, unit_vectors
 
@@ -111,14 +111,8 @@ def test_index_in_a_bucket_equals_the_local_one_and_is_checked(gcs, tmp_path, mo
     assert index_json.read_text() == meta
 
     data = epath.Path(url) / "hashed_dataset.npy"
-    raw = bytearray(data.read_bytes())
-    raw[-1] ^= 0xFF
-    data.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match=f"index file {data} is damaged: its size or sha256 differs from {index_json}"):
-        Index.load(url)
-    data.unlink()
-    with pytest.raises(ValueError, match=f"index file {data} is missing"):
-        Index.load(url)
+    assert_index_file_damage_is_named(
+        data, lambda: Index.load(url), f"index file {data} is damaged: its size or sha256 differs from {index_json}")
     assert list(staging.iterdir()) == []
     with pytest.raises(FileNotFoundError, match=f"no index at {gcs}/elsewhere"):
         Index.load(f"{gcs}/elsewhere")

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import assert_index_file_damage_is_named
 
 from m3jax.config import base_config
 from m3jax.retrieval import index as index_module
@@ -174,14 +175,7 @@ def test_missing_and_damaged(small, tmp_path):
 
     (path / INDEX_JSON).write_text(meta)
     data = path / "hashed_dataset.npy"
-    raw = bytearray(data.read_bytes())
-    raw[-1] ^= 0xFF  # one flipped byte: ScaNN would load it and return wrong neighbours
-    data.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match=f"{data} is damaged"):
-        Index.load(path)
-    data.unlink()
-    with pytest.raises(ValueError, match=f"{data} is missing"):
-        Index.load(path)
+    assert_index_file_damage_is_named(data, lambda: Index.load(path), f"{data} is damaged")
 
 
 def test_padding_and_empty_queries():

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 # The config.model fields that fix what the parameters are (their shapes and what they compute). Parameters
@@ -61,8 +62,6 @@ class ModelConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in dict(model_cfg).items() if k in fields}
         if "attention" in kwargs:
-            import jax
-
             kwargs["attention"] = kernels.resolve(kwargs["attention"], platform or jax.default_backend(),
                                                   bool(kwargs.get("attention_interpret", False)),
                                                   fallback=attention_fallback)
