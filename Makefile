@@ -1,10 +1,12 @@
-# m3jax: `make demo` runs the embedded-corpus pipeline, `make test` the test suite.
+# m3jax: `make demo` runs the whole Memory3 pipeline on the embedded corpus (tools/demo.sh; DEMO_SIZE=tiny: a few
+# steps of every stage), `make test` the test suite.
 # Both create .venv from the pinned requirements when it is missing or stale.
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+DEMO_SIZE ?= full
 
 .PHONY: venv venv-tpu demo test test-fast lint clean-demo
 
@@ -38,7 +40,7 @@ $(TPU_STAMP): $(STAMP) requirements-tpu.txt
 venv-tpu: $(TPU_STAMP)
 
 demo: $(STAMP)
-	DEMO_DIR=$(DEMO_DIR) PY=$(PY) bash tools/demo.sh
+	DEMO_DIR=$(DEMO_DIR) DEMO_SIZE=$(DEMO_SIZE) PY=$(PY) bash tools/demo.sh
 
 # pytest exits 5 when it collects no test: that is a failure here, said out loud.
 test: $(TPU_STAMP)

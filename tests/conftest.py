@@ -181,11 +181,16 @@ SMALL_CONTINUED = ("--config.model.num_layers=2", "--config.model.hidden_size=25
                    "--config.model.vocab_size=4096", "--config.data.seq_len=512", "--config.data.global_batch_size=8")
 TPU_FIT_CONTINUED = ("-m", "m3jax.train", "--config=configs/continued.py", "--dry_run", "--topology=v5p:2x2x1",
                      *SMALL_CONTINUED)
-BACKGROUND = {  # fixture name -> (CPU devices, the arguments after the interpreter, run from the repository root)
-    "entity_run": (2, lambda root: ("tools/bench/stage2_entities.py", f"--workdir={root / 'bench'}", *ENTITY_RUN)),
-    "memory3_2b_fit": (1, lambda root: TPU_FIT_2B),
-    "continued_fit_bank": (1, lambda root: (*TPU_FIT_CONTINUED, "--config.retrieval.mode=bank")),
-    "continued_fit_online": (1, lambda root: (*TPU_FIT_CONTINUED, "--config.retrieval.mode=online")),
+# `make demo` at DEMO_SIZE=tiny (test_demo): every stage of the pipeline for a few steps, ~4 minutes.
+DEMO_TINY = ("make", "demo", "DEMO_SIZE=tiny")
+PYTHON = sys.executable
+BACKGROUND = {  # fixture name -> (CPU devices, the command, run from the repository root)
+    "entity_run": (2, lambda root: (PYTHON, "tools/bench/stage2_entities.py", f"--workdir={root / 'bench'}",
+                                    *ENTITY_RUN)),
+    "memory3_2b_fit": (1, lambda root: (PYTHON, *TPU_FIT_2B)),
+    "continued_fit_bank": (1, lambda root: (PYTHON, *TPU_FIT_CONTINUED, "--config.retrieval.mode=bank")),
+    "continued_fit_online": (1, lambda root: (PYTHON, *TPU_FIT_CONTINUED, "--config.retrieval.mode=online")),
+    "demo_tiny": (1, lambda root: (*DEMO_TINY, f"DEMO_DIR={root / 'demo'}")),
 }
 _background: dict[str, dict] = {}
 
@@ -209,7 +214,7 @@ def pytest_collection_modifyitems(session, config, items):
             continue
         root = Path(tempfile.mkdtemp(prefix=f"m3jax-{name}-"))
         out, err = open(root / "stdout", "w"), open(root / "stderr", "w")  # noqa: SIM115 (written until joined)
-        proc = subprocess.Popen([sys.executable, *args(root)], cwd=REPO, env=background_env(root, devices),
+        proc = subprocess.Popen(list(args(root)), cwd=REPO, env=background_env(root, devices),
                                 stdout=out, stderr=err)
         _background[name] = {"root": root, "proc": proc, "files": (out, err)}
 
@@ -248,6 +253,12 @@ def entity_run():
                                   f"{done.stdout[-1500:]}\n{done.stderr[-1500:]}")
     workdir = done.root / "bench"
     return {"workdir": workdir, "results": json.loads((workdir / "results.json").read_text()), "stdout": done.stdout}
+
+
+@pytest.fixture(scope="session")
+def demo_tiny() -> subprocess.CompletedProcess:
+    """`make demo DEMO_SIZE=tiny` into `root / "demo"`, finished: its exit status, what it printed, and `root`."""
+    return join_background("demo_tiny")
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ Suites (m3jax/infer/evaluation.py), each run when its input is given:
                   --question_tokens tokens as the question, the next --answer_tokens as the answer, against
                   --distractors other documents' spans
   perplexity      every record segment of that split, with causal retrieval (--passages of them; 0 = all)
+  decode speed    --decode_prompts > 0: greedy generation of --decode_tokens per prompt, tokens/s per mode
 The model, memory geometry and retrieval settings are the checkpoint's saved config; the parameters are restored
 onto every local device (`--fsdp` of them shard the parameters, the rest replicate), so a job evaluates whatever
 devices it has. The bank must have been written by this checkpoint (`--bank_other_checkpoint` reads another's).
@@ -46,11 +47,18 @@ _CHOICES = flags.DEFINE_string("choices", "", "A multiple-choice JSONL file.")
 _HELDOUT_DATA = flags.DEFINE_string("heldout_data", None, "Prepared data whose held-out split is scored (default: "
                                     "the checkpoint's data.path; '' = none).")
 _HELDOUT_SPLIT = flags.DEFINE_string("heldout_split", "heldout", "The split of --heldout_data.")
+_KNOWLEDGE_CLOZE = flags.DEFINE_bool("knowledge_cloze", True, "Score the knowledge cloze of --heldout_data (the "
+                                      "perplexity suite runs either way).")
 _PASSAGES = flags.DEFINE_integer("passages", 0, "Perplexity passages (0 = every record segment).", lower_bound=0)
 _QUESTION = flags.DEFINE_integer("question_tokens", 64, "Knowledge cloze: question tokens.", lower_bound=1)
 _ANSWER = flags.DEFINE_integer("answer_tokens", 16, "Knowledge cloze: answer tokens.", lower_bound=1)
 _DISTRACTORS = flags.DEFINE_integer("distractors", 3, "Knowledge cloze: other documents' spans per question.",
                                     lower_bound=1)
+_DECODE_PROMPTS = flags.DEFINE_integer("decode_prompts", 0, "Decode speed: prompts generated from at once, in every "
+                                      "mode (the first held-out entity prompts, else held-out passages' first 64 "
+                                      "tokens); 0 = not measured.", lower_bound=0)
+_DECODE_TOKENS = flags.DEFINE_integer("decode_tokens", 128, "Decode speed: tokens generated per prompt.",
+                                      lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Results JSON.", required=True)
 
 
@@ -122,6 +130,7 @@ def main(argv):
                                        allow_other_checkpoint=_OTHER.value)
         ev = evaluation.Evaluator(loaded.params, cfg, tokenizer, source, tuple(_MODES.value), slots, _BATCH.value)
         with mesh:
+            items, passages = [], []
             if _ENTITIES.value:
                 items = entity_eval.read_items(str(epath.Path(_ENTITIES.value) / "cloze.jsonl"),
                                                _ENTITY_ITEMS.value)
@@ -139,10 +148,19 @@ def main(argv):
                 documents, passages = heldout_text(data, _HELDOUT_SPLIT.value)
                 if not passages:
                     raise ValueError(f"--heldout_data={data}: split {_HELDOUT_SPLIT.value!r} has no records")
-                windows = evaluation.document_windows(documents, _QUESTION.value, _ANSWER.value, _DISTRACTORS.value)
-                results["knowledge_cloze"] = evaluation.knowledge_cloze(ev, windows)
+                if _KNOWLEDGE_CLOZE.value:
+                    windows = evaluation.document_windows(documents, _QUESTION.value, _ANSWER.value,
+                                                          _DISTRACTORS.value)
+                    results["knowledge_cloze"] = evaluation.knowledge_cloze(ev, windows)
                 chosen = passages[:_PASSAGES.value] if _PASSAGES.value else passages
                 results["perplexity"] = evaluation.passage_perplexity(ev, chosen)
+            if _DECODE_PROMPTS.value:
+                prompts = ev.encode([it["prompt"] for it in items]) if items else [
+                    [tokenizer.bos_id, *p[:63]] for p in passages]
+                if len(prompts) < _DECODE_PROMPTS.value:
+                    raise ValueError(f"--decode_prompts={_DECODE_PROMPTS.value}: only {len(prompts)} prompts "
+                                     "(held-out entity items or passages)")
+                results["decode"] = evaluation.decode_speed(ev, prompts[:_DECODE_PROMPTS.value], _DECODE_TOKENS.value)
     except (ValueError, FileNotFoundError, KeyError, CheckpointError, BankMismatchError) as e:
         sys.exit(f"evaluate: {e}")
     if not results:

@@ -13,6 +13,9 @@
   retrieves, filtered against the whole passage (the first chunk reads none); RAG puts the references the first
   chunk retrieves (filtered alike) before the passage. Reports nats per token and perplexity of the same tokens
   in every mode.
+- `decode_speed`: generation throughput of the same prompts in every mode, timed side by side in one process
+  (each mode's first run compiles and is not counted): Memory3 retrieves and swaps memories every 64 generated
+  tokens, RAG decodes after its references in the context.
 
 Every item is scored (nothing is dropped to fill a batch). Retrieval uses the `MemorySource`'s filter (the
 evaluation threshold, eq. 6 at `retrieval.eval_max_overlap` against the question).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -87,6 +91,29 @@ def entity_knowledge(ev: Evaluator, items: Sequence[dict], own_reference: np.nda
                      "by_attribute": {a: {"accuracy": float(correct[m].mean()), "answer_loss": float(nll[m].mean())}
                                       for a in sorted(set(attributes))
                                       for m in [np.asarray(attributes) == a]}}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ decode speed
+def decode_speed(ev: Evaluator, prompts: Sequence[Sequence[int]], new_tokens: int, repeats: int = 2) -> dict:
+    """Greedy generation of `new_tokens` after every prompt (token lists, bos included), all prompts in one batch,
+    in each mode: the best of `repeats` timed runs after one compiling run. Per mode: tokens_per_s (generated tokens
+    over wall seconds, retrieval and memory loading included) and seconds."""
+    import jax
+
+    if not prompts:
+        raise ValueError("decode_speed: no prompts")
+    out: dict = {"prompts": len(prompts), "new_tokens": int(new_tokens)}
+    for mode in ev.modes:
+        runs = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            gen = generate(ev.params, ev.cfg, prompts, new_tokens, mode=mode, source=ev.source, slots=ev.slots,
+                           bos_id=ev.tokenizer.bos_id)
+            jax.block_until_ready(gen.tokens)
+            runs.append(time.perf_counter() - t0)
+        seconds = min(runs[1:])
+        out[mode] = {"tokens_per_s": len(prompts) * new_tokens / seconds, "seconds": seconds}
     return out
 
 
