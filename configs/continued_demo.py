@@ -6,7 +6,7 @@
 
 Online mode with the encoding's gradient (`memory.encode_grad=True`), as configs/continued.py: the references'
 memories are written by the parameters being trained, so the writer learns what to keep and the trained model
-reads the bank its own checkpoint writes. Measured on the entity task (README, "What teaches a model to read
+reads the bank its own checkpoint writes. Measured on the entity task (docs/continued.md, "What teaches a model to read
 memory"): held-out accuracy 0.315 at k = 8 through the bank the final weights wrote, against 0.135 for bank mode
 read through the warm-up's bank and 0.015 through a rewritten one. `--config.retrieval.mode=bank
 --config.memory.bank=...` reads the warm-up checkpoint's bank instead (1.31x the warm-up step vs 1.85x).

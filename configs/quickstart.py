@@ -6,7 +6,7 @@ The size at which the continued stage (configs/quickstart_continued.py) measurab
 memory on 2 CPU cores: held-out entities answered from memory, none without (README, "The demo"). The memory
 geometry is set here, as every tool that writes or reads this model's memories takes this config: every token of a
 knowledge-base entry is kept (k = 32 covers the ~27-token references of two attributes) in both layers; the
-paper's k = 8 of 128 does not yet teach a model this small to read (README, "What teaches a model to read memory").
+paper's k = 8 of 128 does not yet teach a model this small to read (docs/continued.md).
 """
 
 from configs import demo

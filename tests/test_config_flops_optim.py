@@ -63,7 +63,7 @@ def test_locked_config_rejects_unknown_keys():
     ("--config.optimizr.peak_lr=0.1", "optimizr", "optimizer"),
 ])
 def test_a_misspelt_override_fails_with_did_you_mean(override, typo, meant):
-    """README: a misspelt `--config.x.y` fails with a "did you mean" that names the key, through the trainer's own
+    """Documented: a misspelt `--config.x.y` fails with a "did you mean" that names the key, through the trainer's own
     command line (its flag parsing runs before any work: the run needs no data)."""
     proc = subprocess.run([sys.executable, "-m", "m3jax.train", "--config=tests/lm_test_config.py", override],
                           cwd=REPO, capture_output=True, text=True, timeout=120)

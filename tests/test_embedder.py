@@ -170,7 +170,7 @@ def with_pooling(model_dir, out, mode: str):
 
 
 def test_pooling_config_overrides_the_default(minilm, xlmr_dir, tmp_path, monkeypatch):
-    """README: "a sentence-transformers `1_Pooling` config decides when present". CLS pooling for MiniLM (BERT:
+    """Documented: "a sentence-transformers `1_Pooling` config decides when present". CLS pooling for MiniLM (BERT:
     mean by default) and mean pooling for XLM-R (CLS by default) give that pooling of HF's hidden states.
     Negative control: a loader that ignores the file gives the default pooling and fails the check."""
     _, hf_tok, hf_model = minilm

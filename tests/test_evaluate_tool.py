@@ -77,7 +77,7 @@ def test_entity_knowledge_with_memory_without_it_and_with_rag(entity_run, tmp_pa
     reported beside it (it reads the references as text, which this model never trained on). One memory per chunk
     (--slots=1): in training a bio chunk read its own entity's reference and no other (the paper layout's other
     slots are earlier chunks of the same document, and a bio is one chunk), so this model never learned to choose
-    among references; with 5 retrieved ones it reads the wrong entity's facts (README, "Evaluating a checkpoint")."""
+    among references; with 5 retrieved ones it reads the wrong entity's facts (docs/inference.md)."""
     from test_continued import ENTITY_MARGIN
 
     work = entity_run["workdir"]
@@ -85,7 +85,7 @@ def test_entity_knowledge_with_memory_without_it_and_with_rag(entity_run, tmp_pa
     results, printed = evaluate(work, tmp_path / "entities.json", 2, f"--checkpoint={work / 'stage2_memory'}",
                                 f"--bank={work / 'bank_stage2_memory'}", f"--index={work / 'bank' / 'index'}",
                                 f"--entities={work / 'entities'}", "--heldout_data=", "--batch_size=32",
-                                "--slots=1")
+                                "--slots=1", "--decode_prompts=8", "--decode_tokens=70")
     got = results["entities"]
     assert got["items"] == heldout, "every held-out item is scored, the last partial batch too"
     assert got["recall_at_1"] >= 0.9
@@ -94,3 +94,8 @@ def test_entity_knowledge_with_memory_without_it_and_with_rag(entity_run, tmp_pa
     assert 0.0 <= got["rag"]["accuracy"] <= 1.0 and np.isfinite(got["rag"]["answer_loss"])
     assert results["settings"]["eval_max_overlap"] == pytest.approx(2 / 3)
     assert "entities" in printed and "rag" in printed
+    # decode speed, side by side: 70 tokens cross a 64-token chunk, so Memory3 retrieves and swaps memory once
+    decode = results["decode"]
+    assert (decode["prompts"], decode["new_tokens"]) == (8, 70)
+    assert all(decode[m]["tokens_per_s"] > 0 and decode[m]["seconds"] > 0 for m in ("none", "memory3", "rag"))
+    assert "tokens_per_s" in printed

@@ -483,7 +483,7 @@ def memory_forward_flops(cfg, *, memories, slots, groups=4, batch=2, seq=64, kk=
 
 
 def test_memory_read_costs_seq_times_slots_not_unique_memories(monkeypatch):
-    """The read path's cost claim (README "Memory heads", docs/memory.md): O(seq x slots) per head. Doubling a
+    """The read path's cost claim (docs/memory.md): O(seq x slots) per head. Doubling a
     row's unique memories M at fixed slots per group leaves the forward's FLOPs unchanged; doubling the slots
     adds exactly the memory matmuls of the new slots (plus their softmax). Negative control: a read path that
     attends to every unique memory in every group costs more with more memories and fails the check."""

@@ -3,8 +3,8 @@ and the per_chunk layout from retrieval to the model.
 
 The expensive pieces are built once per session on the knowledge split (conftest.memory_kb, kb_retrieval): the index
 (tools/build_index.py, MiniLM, brute force) and the train split's retrieval (tools/retrieve.py). The stored ids are
-checked against a naive retrieval: the README's rules applied chunk by chunk with the embedder, the index and the
-overlap filter called directly.
+checked against a naive retrieval: the rules of docs/retrieval.md applied chunk by chunk with the embedder, the
+index and the overlap filter called directly.
 """
 
 import dataclasses
@@ -26,7 +26,7 @@ from m3jax.retrieval.retrieve import ChunkRetriever, Provenance, RetrievalSettin
 
 CHUNK = 8
 PER_CHUNK_REFS = 3  # references per chunk of the per_chunk layout's retrieval
-PAPER_READS = 5  # README: a chunk reads "its own reference and those of the previous 4 chunks of its document"
+PAPER_READS = 5  # documented: a chunk reads "its own reference and those of the previous 4 chunks of its document"
 
 
 # ------------------------------------------------------------------------------------------------ chunks, slots
@@ -92,7 +92,8 @@ def naive_slots(refs, group_segment, layout, slots):
 @pytest.mark.parametrize("layout,r", [("paper", 1), ("per_chunk", 3)])
 def test_slot_index_reads_each_reference_once(layout, r):
     """slot_index with the default config's slots (memory.per_chunk) equals the layouts' definitions, the paper's
-    window being the README's (own + previous 4); the busiest groups read as many references as a group can hold."""
+    window being the documented one (own + previous 4); the busiest groups read as many references as a group can
+    hold."""
     slots = base_config().memory.per_chunk
     rng = np.random.default_rng(1)
     cases = [(np.arange(7 * r).reshape(7, r), np.ones(7, np.int64))]  # one document, every reference distinct
@@ -247,16 +248,16 @@ def retrieval_parts(memory_kb, kb_retrieval):
 
 
 def readme_group_cap(seq_len, chunk_size):
-    """The groups (chunks with a place for references) of a row, by the README: "A row has at most ceil(L/64) × 1.25
+    """The groups (chunks with a place for references) of a row, documented: "A row has at most ceil(L/64) × 1.25
     chunks"."""
     return math.ceil(math.ceil(seq_len / chunk_size) * 1.25)
 
 
 def naive_retrieval(memory_kb, parts, refs_per_chunk):
-    """The train split's ids [records, G, R] by the README's rules, one chunk at a time, and what the rules did.
+    """The train split's ids [records, G, R] by the documented rules, one chunk at a time, and what the rules did.
 
     Chunk g of a record (naive_groups: a new chunk every chunk_size tokens of a document piece) has ids only when
-    g < G, the README's cap; it searches only with at least min_chunk_tokens tokens, with its decoded text. Its
+    g < G, the documented cap; it searches only with at least min_chunk_tokens tokens, with its decoded text. Its
     `candidates` neighbours are walked best first, skipping the references cut from the record's own text
     (source_references) and those whose eq. 6 overlap with the record's tokens exceeds train_max_overlap; the first
     R survivors are its ids, −1 after.
@@ -314,13 +315,13 @@ def id_differences(ids_of, want):
 @pytest.mark.slow
 def test_stored_ids_equal_a_naive_retrieval(memory_kb, kb_retrieval, retrieval_parts, naive_ids):
     """tools/retrieve.py's ids are the naive retrieval's: each chunk's best survivor, none for a chunk under
-    min_chunk_tokens, a place for as many chunks as the README's cap. The rules are exercised (short chunks, rows at
+    min_chunk_tokens, a place for as many chunks as the documented cap. The rules are exercised (short chunks, rows at
     the cap, chunks whose best candidate is filtered out), and the comparison catches the library keeping the worst
     survivor, dropping the short-chunk rule, or a cap off by one."""
     want, stats = naive_ids
     want = want[..., :1]
     store = RetrievedIds.open(kb_retrieval["ids"])
-    assert store.row_shape == want.shape[1:]  # [the README's cap, 1]
+    assert store.row_shape == want.shape[1:]  # [the documented cap, 1]
     assert not (diffs := id_differences(store.__getitem__, want)), diffs[:10]
     assert stats["short_chunks"] and stats["rows_at_cap"] and stats["best_filtered"], stats
 
@@ -379,7 +380,7 @@ def per_chunk_ids(memory_kb, retrieval_parts, tmp_path_factory):
 def test_per_chunk_layout_from_retrieval_to_the_model(memory_kb, retrieval_parts, naive_ids, per_chunk_ids):
     """retrieval.layout = per_chunk with 3 references per chunk, end to end: the retrieval equals the naive one (the
     best 3 survivors, best first); in the config's memory loader each chunk's slots read its own references, each
-    once, and nothing else (README: "In `per_chunk` layout it reads its own `refs_per_chunk`"); the model runs on
+    once, and nothing else (documented: "In `per_chunk` layout it reads its own `refs_per_chunk`"); the model runs on
     the batch's memories (device_memory)."""
     import jax
     import jax.numpy as jnp
