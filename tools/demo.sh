@@ -16,13 +16,14 @@
 #   11 evaluate     tools/evaluate.py: held-out entities, held-out real text and decode speed, with memory /
 #                   without / RAG for the continued model; without memory for the controls and the warm-up
 #   12 sample       tools/generate.py --show_references: a held-out entity's answer and the references it read
-#   13 report       tools/plot_run.py (curves) and tools/demo_report.py (the results table, evaluation plot)
+#   13 plots        tools/plot_run.py: both stages' curves, the controls' beside
+#   then            tools/demo_report.py: the results table (results.md, results.json) and the evaluation plot
 #
 # Each stage records its wall time in DEMO_DIR/stages/NAME.json and is skipped when that record exists; an
 # interrupted training run or bank writer resumes where it stopped. Everything a stage prints goes to
 # DEMO_DIR/logs/NAME.log (its last lines are shown when it fails).
 #
-# Environment: DEMO_DIR (runs/demo), PY (.venv/bin/python), DEMO_SIZE: full (the default, ~15 min on 2 CPU cores)
+# Environment: DEMO_DIR (runs/demo), PY (.venv/bin/python), DEMO_SIZE: full (the default, 15-20 min on 2 CPU cores)
 # or tiny (a few steps of everything: the pipeline's plumbing, for tests; its numbers mean nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."

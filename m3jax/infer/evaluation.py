@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from m3jax.evals import cloze
@@ -99,8 +100,6 @@ def decode_speed(ev: Evaluator, prompts: Sequence[Sequence[int]], new_tokens: in
     """Greedy generation of `new_tokens` after every prompt (token lists, bos included), all prompts in one batch,
     in each mode: the best of `repeats` timed runs after one compiling run. Per mode: tokens_per_s (generated tokens
     over wall seconds, retrieval and memory loading included) and seconds."""
-    import jax
-
     if not prompts:
         raise ValueError("decode_speed: no prompts")
     out: dict = {"prompts": len(prompts), "new_tokens": int(new_tokens)}
