@@ -57,6 +57,9 @@ _SHARE_FROM = flags.DEFINE_string("share_from", "", "Another workdir of this ben
                                   "its data-shaping flags must equal this run's.")
 _OVERRIDES = flags.DEFINE_list("overrides", [], "More config settings (key=value, comma-separated) for every tool, "
                                 "e.g. a smaller model: model.hidden_size=128,model.mlp_dim=256.")
+_TRACK = flags.DEFINE_integer("track_every", 0, "Score the held-out entities every N steps of the memory run while it "
+                              "trains (eval.cloze through the warm-up bank's index; 0: only at the end).",
+                              lower_bound=0)
 _CONTROLS = flags.DEFINE_bool("controls", True, "Also train the memory-off control run.")
 _PEAK_LR = flags.DEFINE_float("peak_lr", 1e-3, "Stage 2's peak learning rate.", lower_bound=0.0)
 _MODE = flags.DEFINE_enum("mode", "bank", ["bank", "online"], "Stage 2's retrieval.mode: the warm-up's bank, or "
@@ -146,7 +149,16 @@ def main(argv):
                                    f"--tokenizer={spm}", *memory_flags()))
     b.stage("retrieve", lambda: b.run("tools/retrieve.py", "--config=configs/demo.py", f"--data={data}",
                                       f"--bank={bank}", "--knowledge=", *memory_flags()))
+    if _TRACK.value and not os.path.exists(os.path.join(data, "retrieval-heldout", "retrieval.json")):
+        # the scoring during training also reports held-out text with memory: its chunks' retrieved ids
+        b.stage("retrieve_heldout", lambda: b.run("tools/retrieve.py", "--config=configs/demo.py", f"--data={data}",
+                                                  "--split=heldout", f"--bank={bank}", "--knowledge=",
+                                                  *memory_flags()))
     runs = {"stage2_memory": []}
+    if _TRACK.value:
+        runs["stage2_memory"] = [f"--config.train.eval_every={_TRACK.value}", f"--config.eval.cloze={ent}/cloze.jsonl",
+                                 f"--config.eval.cloze_index={bank}/index",
+                                 f"--config.eval.cloze_tokens={_GEN_STEPS.value}"]
     if _CONTROLS.value:
         runs["stage2_off"] = ["--config.memory.read=False"]
     for name, extra in runs.items():
@@ -161,6 +173,8 @@ def main(argv):
     t0 = time.perf_counter()
     results = evaluate(b, spm, knowledge, bank)
     results["writer_selection"] = writer_selection(b, spm, knowledge, bank)
+    # what the memory run's own writer keeps: the bank its final checkpoint wrote, which its rows read
+    results["writer_selection_trained"] = writer_selection(b, spm, knowledge, b.path("bank_stage2_memory"))
     b.seconds["cloze"] = time.perf_counter() - t0
     results["stage_seconds"] = b.seconds
     settings = (_NUM_ENTITIES, _ATTRIBUTES, _BIOS, _MIX_RATIO, _WARMUP_TEXT, _VOCAB, _TRAIN_BATCH, _WARMUP_STEPS,
@@ -254,7 +268,8 @@ def evaluate(b: Bench, spm: str, knowledge: str, warm_bank: str) -> dict:
 def writer_selection(b: Bench, spm: str, knowledge: str, bank_path: str, max_refs: int = 200) -> dict:
     """Which tokens of the entity references the bank kept (the writer's top-k by attention received): per memory
     layer, the share of attribute values whose first token some head of the layer kept, the share one head keeps
-    on average, and the pieces kept most often. A value whose tokens no layer kept cannot be read."""
+    on average, the share whose every token some head of the layer kept (a value of several pieces is answered
+    piece by piece), and the pieces kept most often. A value whose tokens no layer kept cannot be read."""
     import collections
 
     import jax.numpy as jnp
@@ -280,6 +295,8 @@ def writer_selection(b: Bench, spm: str, knowledge: str, bank_path: str, max_ref
     layers = positions.shape[1]
     any_head = np.zeros((n, layers, len(attributes)), bool)
     per_head = np.zeros((n, layers, len(attributes)))
+    whole = np.zeros((n, layers, len(attributes)), bool)
+    value_tokens = []
     pieces: collections.Counter = collections.Counter()
     for i in range(n):
         r = first_ref[i]
@@ -288,17 +305,20 @@ def writer_selection(b: Bench, spm: str, knowledge: str, bank_path: str, max_ref
         text = tokenizer.decode(tokens)
         values = meta["entities"][i]["values"]
         # each value's first token: the last token starting at or before the value's first character
-        cursor, first_tokens = 0, []
+        cursor, first_tokens, spans = 0, [], []
         for a in attributes:
             c = text.find(values[a], cursor)
             cursor = c + len(values[a])
             first_tokens.append(max(j for j in range(len(tokens)) if starts[j] <= c))
+            spans.append([j for j in range(first_tokens[-1], len(tokens)) if starts[j] < cursor])
+        value_tokens.append(np.mean([len(t) for t in spans]))
         for layer in range(layers):
             kept = [set(positions[i, layer, h][positions[i, layer, h] >= 0].tolist())
                     for h in range(positions.shape[2])]
             union = set().union(*kept)
             any_head[i, layer] = [t in union for t in first_tokens]
             per_head[i, layer] = [np.mean([t in k for k in kept]) for t in first_tokens]
+            whole[i, layer] = [set(span) <= union for span in spans]
             pieces.update(tokenizer.decode([tokens[t]]).strip() or repr(tokenizer.decode([tokens[t]]))
                           for t in union if t < len(tokens))
     return {"references": n, "k": int(positions.shape[-1]), "mean_tokens": float(refs.lengths[first_ref[:n]].mean()),
@@ -306,6 +326,8 @@ def writer_selection(b: Bench, spm: str, knowledge: str, bank_path: str, max_ref
             "value_kept_by_some_head": [float(any_head[:, layer].mean()) for layer in range(layers)],
             "value_kept_by_one_head": [float(per_head[:, layer].mean()) for layer in range(layers)],
             "value_kept_by_some_layer": float(any_head.any(axis=1).mean()),
+            "mean_value_tokens": float(np.mean(value_tokens)),
+            "whole_value_kept_by_some_head": [float(whole[:, layer].mean()) for layer in range(layers)],
             "by_attribute_some_layer": {a: float(any_head[:, :, j].any(axis=1).mean())
                                         for j, a in enumerate(attributes)},
             "most_kept_pieces": pieces.most_common(12)}
@@ -322,13 +344,16 @@ def render(results: dict) -> str:
             s = row["summary"][split]
             lines.append(f"{name:<30} {split:<8} " + " ".join(f"{s['accuracy'][a]:>9.3f}" for a in ARM_ORDER)
                          + f" {s['recall_at_1']:>9.3f}")
-    w = results["writer_selection"]
-    lines.append(f"writer (k={w['k']}, {w['references']} references of {w['mean_tokens']:.0f} tokens): "
-                 f"attribute values kept by some head, per memory layer {w['memory_layers']}: "
-                 + ", ".join(f"{v:.2f}" for v in w["value_kept_by_some_head"])
-                 + "; by one head: " + ", ".join(f"{v:.2f}" for v in w["value_kept_by_one_head"])
-                 + f"; by some layer: {w['value_kept_by_some_layer']:.2f}; most kept: "
-                 + ", ".join(f"{p!r} {c}" for p, c in w["most_kept_pieces"][:8]))
+    for key, who in (("writer_selection", "warm-up writer"), ("writer_selection_trained", "stage-2 writer")):
+        w = results[key]
+        lines.append(f"{who} (k={w['k']}, {w['references']} references of {w['mean_tokens']:.0f} tokens): "
+                     f"attribute values kept by some head, per memory layer {w['memory_layers']}: "
+                     + ", ".join(f"{v:.2f}" for v in w["value_kept_by_some_head"])
+                     + "; by one head: " + ", ".join(f"{v:.2f}" for v in w["value_kept_by_one_head"])
+                     + f"; by some layer: {w['value_kept_by_some_layer']:.2f}; every token of the value "
+                     f"({w['mean_value_tokens']:.1f} on average) by some head: "
+                     + ", ".join(f"{v:.2f}" for v in w["whole_value_kept_by_some_head"]) + "; most kept: "
+                     + ", ".join(f"{p!r} {c}" for p, c in w["most_kept_pieces"][:8]))
     lines.append("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["stage_seconds"].items()))
     return "\n".join(lines)
 
